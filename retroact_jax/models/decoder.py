@@ -1,0 +1,312 @@
+"""Flax NNX decoder-only transformer (Llama-2/3, SmolLM2, Qwen2 by ``ModelConfig``) with a KV cache.
+
+Module tree = the naming contract in ``config.py`` (``embed_tokens``, ``layers`` (``nnx.List``),
+``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``norm``, ``lm_head``), so checkpoint
+conversion (``convert.py``) is mechanical.
+
+Numerics (matching transformers' PyTorch Llama/Qwen2): RMSNorm in float32, result cast to the compute
+dtype before the scale; RoPE with ``rope_theta``, Llama-3 or linear scaling, HF ``rotate_half`` layout
+(first half / second half of each head), cos/sin computed in float32; grouped-query attention without
+repeating KV heads (queries are reshaped to ``[B, T, K, G, H]``, head ``n = k * G + g`` as HF's
+``repeat_kv``); softmax in float32; SiLU-gated MLP; tied or untied head.
+
+Calling convention (left-padded batches)::
+
+    logits, cache = model(tokens_BxT, positions_BxT, valid_BxT, cache=None, last_only=False)
+
+``positions_BxT`` come from the caller (``positions_from_mask`` for a fresh batch,
+``positions_after(cache, valid_BxT)`` for an extension). Without a cache the T tokens attend to valid
+keys at index <= their own. With a ``KVCache`` the T new tokens are written at slots
+``[end, end + T)`` (invalid tokens are written as invalid slots: holes are fine), each query attends to
+valid slots <= its own slot, and the cache comes back with ``end + T``. ``last_only`` returns the
+logits of the last position only ([B, V]); left padding keeps every row's last token there.
+
+LoRA hook (for ``models/lora.py``): ``Linear`` adds ``(x @ lora_a) @ lora_b * lora_scale`` when the
+attributes ``lora_a`` ([in, r]) and ``lora_b`` ([r, out]), typically ``nnx.LoRAParam``, are set on it;
+``lora_scale`` is a plain Python float attribute (static, default 1.0). Nothing else changes.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.core
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retroact_jax.models.config import ModelConfig
+
+_NEG = -1e30   # finite "minus infinity": fully masked rows (padding queries) stay NaN-free
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _bcast(vec, ndim: int):
+    """[F] -> [1, ..., 1, F] (explicit ranks: tests run with jax_numpy_rank_promotion='raise')."""
+    return vec.reshape((1,) * (ndim - 1) + vec.shape)
+
+
+# ----------------------------------------------------------------------------------------- layers
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias) (+ (x @ lora_a) @ lora_b * lora_scale)``; kernel is [in, out]."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 param_dtype="float32", dtype="float32", rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(in_features))
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), _dtype(param_dtype)))
+        self.bias = (nnx.Param(jnp.zeros((out_features,), _dtype(param_dtype))) if use_bias
+                     else None)
+        self.dtype = _dtype(dtype)
+        self.lora_a = nnx.data(None)   # set to nnx.LoRAParam [in, r] by models/lora.py
+        self.lora_b = nnx.data(None)   # [r, out]
+        self.lora_scale = 1.0
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + _bcast(self.bias[...].astype(self.dtype), y.ndim)
+        if self.lora_a is not None:
+            delta = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            y = y + delta * jnp.asarray(self.lora_scale, self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, param_dtype="float32", dtype="float32",
+                 rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(stddev=1.0)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), _dtype(param_dtype)))
+        self.dtype = _dtype(dtype)
+
+    def __call__(self, tokens):
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        """Tied head: ``x @ embedding.T``."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, param_dtype="float32", dtype="float32"):
+        self.scale = nnx.Param(jnp.ones((dim,), _dtype(param_dtype)))
+        self.eps = eps
+        self.dtype = _dtype(dtype)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * _bcast(self.scale[...].astype(self.dtype), y.ndim)
+
+
+# ------------------------------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, with Llama-3 or linear scaling (as transformers)."""
+    h = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h))))
+    inv = inv.astype(np.float32)
+    rs = cfg.rope_scaling
+    kind = None if rs is None else rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        inv = inv / np.float32(rs["factor"])
+    elif kind == "llama3":
+        factor = float(rs["factor"])
+        lo, hi = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old = float(rs["original_max_position_embeddings"])
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        out = np.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        inv = np.where(medium, smoothed, out).astype(np.float32)
+    return inv
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
+    half = x_BxTxNxH.shape[-1] // 2
+    rot = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+    return x_BxTxNxH * cos_BxTxH[:, :, None, :] + rot * sin_BxTxH[:, :, None, :]
+
+
+def rope_cos_sin(inv_freq: np.ndarray, positions_BxT, dtype):
+    freqs = positions_BxT.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------ cache
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys/values ``[B, S, K, H]`` (compute dtype), slot validity, next write slot.
+
+    ``end`` is shared by all rows (lock-step writes); rows with fewer tokens leave invalid holes.
+    """
+    k: tuple          # L arrays [B, S, K, H]
+    v: tuple          # L arrays [B, S, K, H]
+    valid_BxS: jax.Array
+    end: jax.Array    # int32 scalar
+
+    @staticmethod
+    def init(cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        dt = _dtype(cfg.dtype)
+        return KVCache(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                       v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                       valid_BxS=jnp.zeros((batch, length), bool),
+                       end=jnp.zeros((), jnp.int32))
+
+    @property
+    def batch(self) -> int:
+        return self.valid_BxS.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.valid_BxS.shape[1]
+
+    def lengths(self):
+        """Valid tokens per row [B] (= the position of the next token)."""
+        return jnp.sum(self.valid_BxS, axis=1, dtype=jnp.int32)
+
+
+def positions_from_mask(valid_BxT):
+    """Positions of a left-padded (or holed) batch: number of valid tokens before each token."""
+    return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def positions_after(cache: KVCache, valid_BxT):
+    """Positions of new tokens appended to ``cache``: they continue each row's count."""
+    return cache.lengths()[:, None] + positions_from_mask(valid_BxT) * valid_BxT.astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------ model
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, nq, nk = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+        self.q_proj = Linear(d, nq * h, use_bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(d, nk * h, use_bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(d, nk * h, use_bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(nq * h, d, use_bias=False, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = nq, nk, h
+
+    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, end=None):
+        """``kv=(k_BxSxKxH, v_BxSxKxH)`` is a cache to write at ``end``; returns (y, new kv)."""
+        b, t, _ = x_BxTxD.shape
+        nk, h = self.num_kv_heads, self.head_dim
+        g = self.num_heads // nk
+        q = apply_rope(self.q_proj(x_BxTxD).reshape(b, t, nk * g, h), cos, sin)
+        k = apply_rope(self.k_proj(x_BxTxD).reshape(b, t, nk, h), cos, sin)
+        v = self.v_proj(x_BxTxD).reshape(b, t, nk, h)
+        if kv is not None:
+            zero = jnp.zeros((), jnp.int32)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (zero, end, zero, zero))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, end, zero, zero))
+        q = q.reshape(b, t, nk, g, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+        s = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+        s = jnp.where(mask_BxTxS[:, None, None, :, :], s, _NEG)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        o = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, nk * g * h)
+        return self.o_proj(o), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, **kw)
+        self.up_proj = Linear(d, f, **kw)
+        self.down_proj = Linear(f, d, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **kw)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv=None, end=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, end)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Decoder(nnx.Module):
+    """The causal LM. See the module docstring for the calling convention."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.rope_scaling is not None:   # hashable, so the graphdef can be a jit static arg
+            cfg = cfg.replace(rope_scaling=flax.core.FrozenDict(cfg.rope_scaling))
+        self.cfg = cfg
+        kw = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Linear(cfg.hidden_size, cfg.vocab_size, rngs=rngs, **kw))
+
+    @classmethod
+    def abstract(cls, cfg: ModelConfig) -> "Decoder":
+        """The module with ``ShapeDtypeStruct`` leaves: no weights allocated (``nnx.eval_shape``)."""
+        return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+
+    def hidden(self, tokens_BxT, positions_BxT=None, valid_BxT=None, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, D] and the updated cache (no head)."""
+        b, t = tokens_BxT.shape
+        if valid_BxT is None:
+            valid_BxT = jnp.ones((b, t), bool)
+        valid_BxT = valid_BxT.astype(bool)
+        if positions_BxT is None:
+            positions_BxT = positions_from_mask(valid_BxT)
+        dt = _dtype(self.cfg.dtype)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.cfg), positions_BxT, dt)
+        x = self.embed_tokens(tokens_BxT)
+        if cache is None:
+            idx = jnp.arange(t)
+            mask = (idx[None, :, None] >= idx[None, None, :]) & valid_BxT[:, None, :]
+            for layer in self.layers:
+                x, _ = layer(x, cos, sin, mask)
+            return self.norm(x), None
+        end = cache.end
+        valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxT, (jnp.zeros((), jnp.int32), end))
+        slots_T = end + jnp.arange(t, dtype=jnp.int32)
+        s_idx = jnp.arange(cache.length, dtype=jnp.int32)
+        mask = (s_idx[None, None, :] <= slots_T[None, :, None]) & valid_BxS[:, None, :]
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), end)
+            ks.append(k)
+            vs.append(v)
+        new = KVCache(k=tuple(ks), v=tuple(vs), valid_BxS=valid_BxS, end=end + t)
+        return self.norm(x), new
+
+    def head(self, h):
+        """Logits (float32) from final hidden states."""
+        if self.lm_head is None:
+            out = self.embed_tokens.attend(h)
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+    def __call__(self, tokens_BxT, positions_BxT=None, valid_BxT=None,
+                 cache: KVCache | None = None, last_only: bool = False):
+        h, cache = self.hidden(tokens_BxT, positions_BxT, valid_BxT, cache)
+        if last_only:
+            h = h[:, -1]
+        return self.head(h), cache
+
+
+def forward_fn(graphdef, state, tokens_BxT, positions_BxT, valid_BxT, cache=None,
+               last_only=False):
+    """Pure-function form for jitting: ``(graphdef, state, ...) -> (logits, cache)``."""
+    model = nnx.merge(graphdef, state)
+    return model(tokens_BxT, positions_BxT, valid_BxT, cache=cache, last_only=last_only)
