@@ -23,6 +23,7 @@ history after ``> ``) and ``repeated``. success = won, reward = score = 1.0 on a
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Sequence
 
@@ -44,7 +45,10 @@ def _gym_env(gamefile: str):
                                    extras=["gamefile", "walkthrough"])
         env_id = textworld.gym.register_game(
             gamefile, infos, max_episode_steps=None, asynchronous=False,
-            wrappers=[AlfredDemangler(shuffle=False), AlfredInfos])
+            # A factory, not an ``AlfredDemangler(shuffle=False)`` instance: TextWorld calls each
+            # wrapper on every new env, and an instance returns *itself*, so two envs of the same
+            # registration would share (and corrupt) one wrapper chain.
+            wrappers=[functools.partial(AlfredDemangler, shuffle=False), AlfredInfos])
         _REGISTERED[gamefile] = env_id
     return textworld.gym.make(env_id)
 
