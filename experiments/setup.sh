@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 export DEBIAN_FRONTEND=noninteractive
 need_apt=()
 for p in mariadb-server bubblewrap bsdextrautils ncal cpio curl bind9-dnsutils iputils-ping jq psmisc \
-         procps tree hashdeep gcc g++ make cmake; do
+         procps tree hashdeep python3 gcc g++ make cmake; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

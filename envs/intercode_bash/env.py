@@ -101,7 +101,7 @@ class InterCodeBashEnv(Env):
         return obs, rep
 
     def _close_sandbox(self) -> None:
-        if self._sandbox is not None:
+        if getattr(self, "_sandbox", None) is not None:
             self._sandbox.close()
             self._sandbox = None
 

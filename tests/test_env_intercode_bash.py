@@ -1,0 +1,225 @@
+"""InterCode-Bash: action parsing, the reward against InterCode's rules, golds replayed in the
+sandbox, the sandbox's safety against hostile commands, and fuzzed model output."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import string
+import time
+
+import pytest
+
+import envs
+from envs.base import EnvError
+from envs.intercode_bash import fs, parse_action
+from envs.intercode_bash.env import NON_CODE_OBS, TIMEOUT_OBS
+from envs.intercode_bash.reward import bash_reward, tfidf_similarity
+from envs.intercode_bash.sandbox import check_available
+
+_WHY = None
+
+
+def _need_bwrap():
+    global _WHY
+    if _WHY is None:
+        _WHY = check_available() or ""
+    if _WHY:
+        pytest.skip(f"bwrap sandbox unavailable: {_WHY}")
+
+
+@pytest.fixture(scope="module")
+def env():
+    _need_bwrap()
+    e = envs.make("intercode_bash", split="test", timeout_s=3.0, max_steps=1000)
+    yield e
+    e.close()
+
+
+# -- no sandbox needed ------------------------------------------------------------------------
+def test_tasks_and_splits():
+    e = envs.make("intercode_bash", split="all")
+    assert len(e.tasks) == 200 and e.tasks[0].id == "fs_1#0" and e.tasks[199].id == "fs_4#26"
+    assert [t.data["fs"] for t in e.tasks].count("fs_2") == 53
+    with pytest.raises(EnvError, match="no train split"):
+        envs.make("intercode_bash", split="train")
+    with pytest.raises(EnvError, match="reward_mode"):
+        envs.make("intercode_bash", reward_mode="nope")
+
+
+@pytest.mark.parametrize("action,expected", [
+    ("submit", ("submit", None)), ("  submit \n", ("submit", None)),
+    ("execute[ls -la]", ("execute", "ls -la")), ("execute[echo [a] b]", ("execute", "echo [a] b")),
+    ("Thought: x execute[pwd] and more", ("execute", "pwd")), ("execute[submit]", ("submit", None)),
+    ("execute[]", ("execute", "")), ("submit now", ("invalid", None)), ("ls", ("invalid", None)),
+    ("Execute[ls]", ("invalid", None)), ("", ("invalid", None)),
+])
+def test_parse_action(action, expected):
+    assert parse_action(action) == expected
+
+
+def test_tfidf_matches_sklearn_formula():
+    # idf(hello)=1, idf(world)=idf(there)=ln(3/2)+1; cosine = 1 / (1 + idf^2)
+    w = math.log(1.5) + 1
+    assert tfidf_similarity("Hello world", "hello there") == pytest.approx(1 / (1 + w * w))
+    assert tfidf_similarity("a b c", "a b c") == 1.0          # empty vocabulary -> equality
+    assert tfidf_similarity("1\n", "2\n") == 0.0
+    assert tfidf_similarity(None, "") == 0.0 and tfidf_similarity("", "") == 1.0
+    assert tfidf_similarity("foo bar", "") == 0.0
+    assert tfidf_similarity("foo bar foo", "bar foo foo") == pytest.approx(1.0)
+
+
+def test_tfidf_against_scikit_learn():
+    sk = pytest.importorskip("sklearn.feature_extraction.text")
+    rng = random.Random(0)
+    words = ["ab", "Ab", "xyz", "é1", "__", "q", "file.txt", "9", "42"]
+    for _ in range(200):
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        b = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        try:
+            m = sk.TfidfVectorizer().fit_transform([a, b])
+            ref = (m * m.T).toarray()[0][1]
+        except ValueError:
+            ref = 1 if a == b else 0
+        assert tfidf_similarity(a, b) == pytest.approx(ref, abs=1e-12)
+
+
+def _snap(files, overflow=False):
+    return {"files": {p: list(v) for p, v in files.items()}, "dirs": [], "overflow": overflow}
+
+
+def test_git_status_rules():
+    init = _snap({"t/a.txt": ("f", False, "1"), "t/d/b.sh": ("f", False, "2"), "x.html": ("f", False, "3")})
+    now = _snap({"t/a.txt": ("f", False, "9"), "t/d/b.sh": ("f", True, "2"),       # content, +x
+                 "t/new.txt": ("f", False, "4"), "t/n1/n2/c": ("f", False, "5"),     # new file, new dir
+                 "t/n1/n2/d": ("l", False, "6")})                                    # x.html deleted
+    assert fs.git_status(init, now) == {("t/a.txt", "M"), ("t/d/b.sh", "M"), ("x.html", "D"),
+                                        ("t/new.txt", "??"), ("t/n1/", "??")}
+    assert fs.git_status(init, init) == set()
+
+
+def test_reward_parts_follow_intercode():
+    init = _snap({"t/a.txt": ("f", False, "1")})
+    gold = _snap({"t/a.txt": ("f", False, "1"), "t/out.txt": ("f", False, "G"), "t/dir/x": ("f", False, "G")})
+    same = _snap({"t/a.txt": ("f", False, "1"), "t/out.txt": ("f", False, "G"), "t/dir/x": ("f", False, "G")})
+    r, d = bash_reward(init, same, init, gold, "3 files", "3 files")
+    assert r == 1.0 and d["reward_hundredths"] == 100
+    wrong = _snap({"t/a.txt": ("f", False, "1"), "t/out.txt": ("f", False, "B"), "t/dir/x": ("f", False, "B")})
+    r, d = bash_reward(init, wrong, init, gold, "3 files", "3 files")
+    assert d["file_changes"] == 0.17 and r == pytest.approx(0.84)    # only the dotted path is hashed
+    r, d = bash_reward(init, wrong, init, gold, "3 files", "3 files", mode="strict")
+    assert d["file_changes"] == 0.0 and r == pytest.approx(0.67)
+    r, d = bash_reward(init, init, init, gold, None, "3 files")       # nothing done, nothing said
+    assert d["file_diff"] == 0.0 and d["file_changes"] == 0.33 and r == pytest.approx(0.34)
+    one = _snap({"t/a.txt": ("f", False, "1"), "t/out.txt": ("f", False, "G")})
+    _, d = bash_reward(init, one, init, gold, "x", "x")
+    assert d["file_diff"] == round(0.33 * (1 - math.erf(1)), 2)
+
+
+def test_invalid_actions_start_no_sandbox(monkeypatch):
+    e = envs.make("intercode_bash")
+    e.task, e.steps, e.done = e.tasks[0], 0, False      # no reset: any sandbox use would fail
+    monkeypatch.setattr(e, "_sandbox", None)
+    rng = random.Random(1)
+    alphabet = string.printable + "[]()\x00\udc80é漢"
+    for i in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        if parse_action(s)[0] != "invalid":
+            continue
+        e.steps, e.done = 0, False
+        obs, r, done, info = e.step(s)
+        assert obs == NON_CODE_OBS and r == 0.0 and info["invalid"] and not done
+
+
+# -- sandbox -----------------------------------------------------------------------------------
+@pytest.mark.bwrap
+def test_gold_replay_sample_reaches_reward_1(env):
+    for i in range(0, 200, 10):                      # 20 tasks over all four file systems
+        task = env.task_at(i)
+        env.reset(i)
+        env.step(f"execute[{task.data['gold']}]")
+        _, r, done, info = env.step("submit")
+        assert done and r == 1.0 and info["success"], (task.id, info["reward_details"])
+
+
+@pytest.mark.bwrap
+def test_wrong_answer_and_state_persistence(env):
+    i = next(t.index for t in env.tasks if t.data["gold"].startswith("find /system -type f -mtime +31 -exec rm"))
+    env.reset(i)
+    obs, r, done, _ = env.step("execute[cd /system/folder1]")
+    assert (obs, r, done) == ("", 0.0, False)
+    assert env.step("execute[pwd; echo hi > mine.txt]")[0] == "/system/folder1\n"
+    assert env.step("execute[cat /system/folder1/mine.txt]")[0] == "hi\n"
+    _, r, done, info = env.step("submit")
+    assert done and r < 1.0 and not info["success"] and info["reward_details"]["diff_miss"]
+    env.reset(i)                                      # a new episode starts from the manifest again
+    assert "No such file" in env.step("execute[cat /system/folder1/mine.txt]")[0]
+    assert env.step("execute[pwd]")[0] == "/\n"
+
+
+@pytest.mark.bwrap
+def test_step_limit():
+    _need_bwrap()
+    with envs.make("intercode_bash", max_steps=2) as e:
+        e.reset(0)
+        assert e.step("execute[true]")[2] is False
+        _, _, done, info = e.step("execute[true]")
+        assert done and info["truncated"] and info["steps"] == 2
+
+
+@pytest.mark.bwrap
+def test_hostile_commands_cannot_escape(env, tmp_path):
+    canary = tmp_path / "canary"
+    canary.write_text("alive")
+    env.reset(0)
+    run = lambda c: env.step(f"execute[{c}]")[0]          # noqa: E731
+    assert "Command timed out" == run("sleep 100")
+    t = time.monotonic()
+    bomb = run(":(){ :|:& };:")
+    assert bomb == TIMEOUT_OBS or "fork" in bomb
+    assert time.monotonic() - t < 15 and run("echo ok") == "ok\n"
+    out = run("yes")
+    assert out.endswith("[output truncated: more than 65536 bytes]") and len(out) < 70000
+    assert "No space left on device" in run("head -c 200M /dev/zero > /big")
+    assert "64M" in run("df -h / | tail -1")
+    assert "Read-only" in run("echo x > /dev/junk") and "No space" in run("head -c 20M /dev/zero > /dev/shm/x")
+    assert "Read-only" in run("touch /usr/evil")
+    net = run("curl -sS -m 2 http://1.1.1.1; python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 80), 2)'")
+    assert "Network is unreachable" in net or "Could not" in net or "Failed" in net
+    assert run("ls /work /etc/shadow 2>&1; ls -A /root") .count("No such file") == 2
+    assert "Permission denied" in run("echo forged > /proc/1/fd/1")
+    run("kill -9 1; kill -9 -1")
+    assert run("(sleep 30 >/dev/null 2>&1 &); echo started") == "started\n"
+    assert run("ps -e -o comm= | grep -c sleep") == "0\n"                      # background jobs die
+    run("rm -rf --no-preserve-root / 2>/dev/null")
+    assert canary.read_text() == "alive" and os.path.isdir("/usr/bin")
+    env.reset(0)                                                               # fresh machine again
+    assert env.step("execute[ls /testbed/dir1]")[0].startswith("AnotherHello.java")
+
+
+@pytest.mark.bwrap
+def test_episodes_are_isolated():
+    _need_bwrap()
+    with envs.make("intercode_bash") as a, envs.make("intercode_bash") as b:
+        a.reset(0)
+        b.reset(0)
+        a.step("execute[echo secret > /testbed/s.txt; echo x > /tmp/t]")
+        assert "No such file" in b.step("execute[cat /testbed/s.txt /tmp/t]")[0]
+
+
+@pytest.mark.bwrap
+def test_fuzz_in_sandbox_never_raises(env):
+    rng = random.Random(2)
+    hostile = ["\x00", "\udc80\ud800", "'", '"', "`", "$(", "\\", "exit 3", "exec 3>&-; cd /tmp",
+               "trap '' EXIT; cd /etc", "echo -n /nonexistent >&3", "x" * 200_000, "cat /dev/urandom",
+               "head -c 3000 /dev/urandom", "]]]", "execute[ls]", "kill -STOP 1", "ulimit -n 1; ls",
+               "cd /testbed/dir1; rm -rf /testbed", "cd ..; cd ..; pwd"]
+    hostile += ["".join(rng.choice(string.printable) for _ in range(rng.randint(1, 40))) for _ in range(20)]
+    env.reset(5)
+    for i, cmd in enumerate(hostile):
+        if env.done:
+            env.reset(5)
+        obs, r, done, info = env.step(f"execute[{cmd}]")
+        assert isinstance(obs, str) and r == 0.0 and "sandbox_error" not in info, (cmd[:50], obs[:200])
+    assert env.step("execute[pwd]")[0].startswith("/")
+    env.step("submit")
