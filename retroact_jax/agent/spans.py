@@ -12,7 +12,9 @@ where its text came from:
 
 Because the agent builds the next prompt by *appending* spans, the text a model saw at step t is
 ``render(spans[:i])`` for the span ``i`` it generated; the training sample is ``render(spans)``
-with the same boundaries. No formatting function exists anywhere else (PAPER.md §3.4 item 8: the
+with the same boundaries. Tokens: the whole text is tokenised at once, on both sides (the
+tokenizer's ``encode_pieces`` for training, batching.py; ``encode(render(spans))`` in the LM policy,
+which keeps its KV cache equal to that tokenisation by rolling back to the longest common prefix). No formatting function exists anywhere else (PAPER.md §3.4 item 8: the
 original trained on text that differed from its inference prompts; this design rules that out).
 
 ``join_cue(prev, cue)`` appends a canonical cue (``"\\nAction 1:"``) after a generated text that
@@ -97,21 +99,3 @@ def spans_to_json(spans: Sequence[Span]) -> list[dict[str, Any]]:
 
 def spans_from_json(rows: Sequence[dict[str, Any]]) -> list[Span]:
     return [Span.from_json(r) for r in rows]
-
-
-def span_token_ids(spans: Sequence[Span], encode, bos_id: int | None = None) -> tuple[list[int], list[int]]:
-    """(token ids, per-token span index) of a span list, tokenised span by span.
-
-    Each span is tokenised on its own (``encode(text) -> list[int]``, no special tokens), except a
-    generated span that carries its sampled ``token_ids``, which are used as they are: the ids the
-    sampler produced are the ids the behaviour log-probs belong to. Span boundaries are therefore
-    token boundaries, both when the LM policy extends its KV cache and when training builds role
-    masks. ``bos_id`` (if given) is prepended and attributed to span 0.
-    """
-    ids: list[int] = [] if bos_id is None else [int(bos_id)]
-    owner: list[int] = [] if bos_id is None else [0]
-    for i, s in enumerate(spans):
-        t = s.token_ids if s.token_ids is not None else encode(s.text)
-        ids.extend(int(x) for x in t)
-        owner.extend([i] * len(t))
-    return ids, owner

@@ -1,0 +1,214 @@
+"""``LMPolicy``: the policy interface over the compiled sampler, one KV-cache row per episode.
+
+Each episode (request ``key``) owns a row of one ``SamplerState``. At every call the episode's whole
+context is tokenised at once (``tok.encode(render(spans))``, no BOS: exactly how training tokenises
+the same text, batching.py) and compared with the ids its row already holds:
+
+- the longest common prefix stays in the cache; the row's slots past it are invalidated (a
+  rollback: the cache's per-slot validity mask, decoder.KVCache) and only the remainder is
+  ``extend``-ed. Normally the remainder is just the new observation / cue text, so a step costs what
+  it adds, not its history. A rollback happens when text was discarded (ALFWorld re-samples a short
+  output), replaced (InterCode's action fallback), or when the sampled ids are not the canonical
+  tokenisation of their text or merge with the next span's text ("\\n" + "\\n" -> "\\n\\n").
+  At least the last token is always re-fed so the row's next-token logits are fresh.
+- rows are reused when episodes end (``release``); when the shared write cursor nears the end of
+  the cache (holes of finished episodes and rollbacks accumulate), the state is compacted: rebuilt
+  by one prefill of every live row's ids.
+
+``incremental=False`` re-prefills every context at every call (the baseline for bench/rollout.py).
+Stop strings become the sampler's vocabulary mask (tokens whose text contains one); a stop string
+that spans several tokens ("Observation") is also caught on the decoded text: the completion and
+the row are cut right after it. Temperature 0 is greedy. Sampling keys derive from the requests'
+seeds, so a batch's draw is reproducible given its composition.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retroact_jax import sampling
+from retroact_jax.agent.policy import Completion, Request, cut_at_stop
+from retroact_jax.agent.spans import render
+
+
+@dataclasses.dataclass
+class _Row:
+    key: Hashable | None = None
+    ids: list = dataclasses.field(default_factory=list)     # token ids held, in order
+    slots: list = dataclasses.field(default_factory=list)   # cache slot of each id
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LMPolicy:
+    def __init__(self, sampler: sampling.Sampler, tokenizer, *, incremental: bool = True,
+                 top_p: float = 1.0, compact_slack: float = 2.0):
+        self.sampler, self.tok = sampler, tokenizer
+        self.incremental = incremental
+        self.top_p = float(top_p)
+        self.compact_slack = float(compact_slack)
+        self.state: sampling.SamplerState | None = None
+        self.rows: list[_Row] = []
+        self._stop_masks: dict[tuple[str, ...], np.ndarray] = {}
+        self.stats = {"calls": 0, "prefill_tokens": 0, "reused_tokens": 0, "rolled_back": 0,
+                      "compactions": 0, "new_tokens": 0}
+
+    # ------------------------------------------------------------------------------ interface
+    def count_tokens(self, text: str) -> int:
+        return len(self.tok.encode(text))
+
+    def release(self, keys: Sequence[Hashable]) -> None:
+        ks = set(keys)
+        for r in self.rows:
+            if r.key in ks:
+                r.key = None   # slots are invalidated when the row is reused
+
+    def generate(self, requests: Sequence[Request], stop: Sequence[str], max_new_tokens: int,
+                 temperature: float) -> list[Completion]:
+        if not requests:
+            return []
+        self.stats["calls"] += 1
+        ids = [self.tok.encode(render(r.spans)) for r in requests]
+        for r, x in zip(requests, ids):
+            if not x:
+                raise ValueError(f"request {r.key!r} has an empty context")
+        key = jax.random.key(int(np.bitwise_xor.reduce(np.asarray([r.seed for r in requests],
+                                                                   np.int64))) & 0x7FFFFFFF)
+        mask = self._stop_mask(tuple(stop))
+        if not self.incremental:
+            state, out = self.sampler.sample(ids, key, max_new_tokens, temperature=temperature,
+                                             top_p=self.top_p, stop_mask=mask)
+            self.stats["prefill_tokens"] += sum(map(len, ids))
+            return [self._completion(out, i, stop) for i in range(len(requests))]
+        rows = self._assign([r.key for r in requests])
+        self._sync(rows, ids)
+        budgets = np.zeros((self.state.num_rows,), np.int64)
+        budgets[rows] = max_new_tokens
+        before = np.asarray(self.state.cache.valid_BxS)
+        self.state, out = self.sampler.generate(self.state, key, budgets, temperature=temperature,
+                                                top_p=self.top_p, stop_mask=mask)
+        new_slots = self._new_slots(before)
+        comps = []
+        for i, row in enumerate(rows):
+            n = int(out.lengths_B[row])
+            toks = [int(t) for t in out.tokens_BxN[row, :n]]
+            self.rows[row].ids.extend(toks)
+            self.rows[row].slots.extend(new_slots[row][:n])
+            comps.append(self._completion(out, row, stop))
+            self.stats["new_tokens"] += n
+        return comps
+
+    # ------------------------------------------------------------------------------ helpers
+    def _stop_mask(self, stop: tuple[str, ...]) -> np.ndarray:
+        if stop not in self._stop_masks:
+            texts = self.tok.token_texts()
+            v = self.sampler.cfg.vocab_size
+            mask = np.zeros((v,), bool)
+            for i, t in enumerate(texts[:v]):
+                mask[i] = any(s in t for s in stop)
+            self._stop_masks[stop] = mask
+        return self._stop_masks[stop]
+
+    def _completion(self, out, row: int, stop) -> Completion:
+        n = int(out.lengths_B[row])
+        toks = [int(t) for t in out.tokens_BxN[row, :n]]
+        logp = [float(x) for x in out.logp_BxN[row, :n]]
+        text = self.tok.decode(toks)
+        cut, hit = cut_at_stop(text, stop)
+        if hit and len(cut) < len(text):
+            # a multi-token stop string: keep the tokens up to the one completing it
+            k = next(j for j in range(1, n + 1) if cut_at_stop(self.tok.decode(toks[:j]), stop)[1])
+            toks, logp, text = toks[:k], logp[:k], self.tok.decode(toks[:k])
+        return Completion(text=text, token_ids=toks, logprobs=logp, finish="stop" if hit else "length")
+
+    def _assign(self, keys: Sequence[Hashable]) -> list[int]:
+        where = {r.key: i for i, r in enumerate(self.rows) if r.key is not None}
+        free = [i for i, r in enumerate(self.rows) if r.key is None]
+        out = []
+        for k in keys:
+            if k in where:
+                out.append(where[k])
+                continue
+            if not free:
+                self._rebuild(extra=max(1, len(keys) - len(out)))
+                free = [i for i, r in enumerate(self.rows) if r.key is None]
+            i = free.pop(0)
+            self._rollback(i, 0)
+            self.rows[i].key = k
+            where[k] = i
+            out.append(i)
+        return out
+
+    def _rollback(self, row: int, keep: int) -> None:
+        r = self.rows[row]
+        drop = r.slots[keep:]
+        if drop:
+            valid = np.array(self.state.cache.valid_BxS)
+            valid[row, drop] = False
+            cache = self.state.cache.replace(valid_BxS=jnp.asarray(valid))
+            self.state = self.state.replace(cache=cache)
+            self.stats["rolled_back"] += len(drop)
+        del r.ids[keep:], r.slots[keep:]
+
+    def _new_slots(self, before: np.ndarray) -> list[list[int]]:
+        after = np.asarray(self.state.cache.valid_BxS)
+        if after.shape[1] > before.shape[1]:     # the cache grew (copied into a bigger bucket)
+            before = np.pad(before, ((0, 0), (0, after.shape[1] - before.shape[1])))
+        return [list(np.flatnonzero(after[i] & ~before[i])) for i in range(after.shape[0])]
+
+    def _sync(self, rows: list[int], ids: list[list[int]]) -> None:
+        """Make each row hold exactly ``ids`` (prefix kept, rest rolled back and extended)."""
+        todo = {}
+        for row, x in zip(rows, ids):
+            keep = min(_lcp(self.rows[row].ids, x), len(x) - 1)
+            self._rollback(row, keep)
+            todo[row] = x[keep:]
+            self.stats["reused_tokens"] += keep
+        live = max(len(r.ids) + len(todo.get(i, [])) for i, r in enumerate(self.rows))
+        end = int(self.state.cache.end)
+        if end + max(map(len, todo.values())) > self.compact_slack * live + 512 \
+                and end > 4 * 512:
+            self._rebuild(extra=0, pending=todo)
+            todo = {row: [] for row in todo}
+        new = [todo.get(i, []) for i in range(self.state.num_rows)]
+        if any(new):
+            before = np.asarray(self.state.cache.valid_BxS)
+            self.state = self.sampler.extend(self.state, new)
+            slots = self._new_slots(before)
+            for i, x in enumerate(new):
+                if x:
+                    self.rows[i].ids.extend(x)
+                    self.rows[i].slots.extend(slots[i][-len(x):])
+                    self.stats["prefill_tokens"] += len(x)
+
+    def _rebuild(self, extra: int, pending: dict | None = None) -> None:
+        """A fresh state: one prefill of every row's ids (+ ``pending`` additions), ``extra`` new rows."""
+        pending = pending or {}
+        n = len(self.rows) + extra
+        contents = []
+        for i in range(n):
+            r = self.rows[i] if i < len(self.rows) else _Row()
+            x = (r.ids + list(pending.get(i, []))) if r.key is not None else []
+            contents.append(x)
+        prompts = [x if x else [self.sampler.pad_id] for x in contents]
+        self.state = self.sampler.start(prompts)
+        self.stats["compactions"] += 1
+        valid = np.asarray(self.state.cache.valid_BxS)
+        rows = []
+        for i, x in enumerate(contents):
+            old = self.rows[i] if i < len(self.rows) else _Row()
+            slots = list(np.flatnonzero(valid[i]))
+            rows.append(_Row(key=old.key, ids=list(x) if x else [self.sampler.pad_id],
+                             slots=slots))
+            self.stats["prefill_tokens"] += len(prompts[i])
+        self.rows = rows
