@@ -65,12 +65,6 @@ def unpermute_qk(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
     return w_OxI.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def permute_qk(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's permutation (the inverse of ``unpermute_qk``); used by tests."""
-    out, inp = w_OxI.shape
-    return w_OxI.reshape(n_heads, 2, out // n_heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
-
-
 def _open(path: pathlib.Path):
     import gguf
     if not path.is_file():

@@ -148,7 +148,7 @@ def merge_lora(model: nnx.Module) -> int:
         w = lin.kernel[...]
         delta = (lin.lora_a[...].astype(jnp.float32) @ lin.lora_b[...].astype(jnp.float32)) \
             * lin.lora_scale
-        plain = Linear(1, 1, rngs=nnx.Rngs(0))          # 1x1 placeholder, replaced below
+        plain = Linear(1, 1, use_bias=lin.bias is not None, rngs=nnx.Rngs(0))   # 1x1 placeholder
         plain.kernel = lin.kernel
         plain.kernel[...] = (w.astype(jnp.float32) + delta).astype(w.dtype)
         plain.bias = lin.bias
