@@ -45,6 +45,9 @@ def _worker(conn, env_name: str, split: str, env_kwargs: dict) -> None:
                 break
             if msg is None:
                 break
+            if msg == "ping":
+                conn.send("pong")
+                continue
             op, items = msg
             out = []
             for slot, payload in items:
@@ -121,6 +124,14 @@ class EnvPool:
             self._local = envs.make(self.env_name, self.split, **self.env_kwargs)
         return self._local.tasks
 
+    def ping(self) -> None:
+        """Wait until every worker has started and answers (startup timing, health check)."""
+        for w in range(self.workers):
+            self._send(w, "ping")
+        for w in range(self.workers):
+            if self._recv(w, []) != "pong":
+                raise PoolError(f"EnvPool({self.env_name}): worker {w} is out of step")
+
     @property
     def batch_size(self) -> int:
         return len(self._batch)
@@ -175,7 +186,7 @@ class EnvPool:
         try:
             self._conns[w].send(msg)
         except (BrokenPipeError, OSError) as e:
-            self._die(w, [s for s, _ in msg[1]], e)
+            self._die(w, [s for s, _ in msg[1]] if isinstance(msg, tuple) else [], e)
 
     def _recv(self, w: int, share: list):
         try:

@@ -269,3 +269,17 @@ def test_pool_shutdown_is_quiet(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "Your task is to:" in run.stdout and "unexpected" not in run.stdout
     assert "Process" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_pool_reports_worker_side_errors():
+    with pytest.raises(envs.EnvError, match="unknown env"):
+        EnvPool("no_such_env", "test", workers=1)
+    with EnvPool("alfworld", "no_such_split", workers=1) as pool:
+        pool.ping()
+        with pytest.raises(PoolError, match=r"(?s)episode 0 \(task #0\) failed in worker 0 on reset.*"
+                                            r"unknown split 'no_such_split'"):
+            pool.reset_many([0])
+        with pytest.raises(PoolError, match=r"(?s)episode 0 \(task #0\).*never reset"):
+            pool.step_many(["look"])
+    with pytest.raises(envs.EnvError, match="closed"):
+        pool.reset_many([0])
