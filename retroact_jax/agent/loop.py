@@ -230,7 +230,10 @@ class TrialRunner:
             ep.score = float(info.get("score", reward))
             ep.success = bool(info.get("success", False))
             ep.step_n += 1
-            if done:
+            repeated = self.p.end_on_repeat and len(ep.steps) > 1 and ep.steps[-2]["action"] == action
+            if repeated and not done:
+                ep.done, ep.halted = True, "repeated_action"
+            elif done:
                 ep.done = True
                 if info.get("truncated"):
                     ep.halted = "max_steps"

@@ -56,6 +56,7 @@ class Protocol:
     reflector_stop: tuple[str, ...] = ("\n",)
     max_prompt_tokens: int | None = None
     task_kind = "task"
+    end_on_repeat = False     # the loop ends a trial whose action equals the previous one
 
     # -- planner ------------------------------------------------------------------------------
     def planner_prompt(self, task, ob: str, memory: Sequence[str], examples=None) -> str:
@@ -129,6 +130,8 @@ class ALFWorldProtocol(Protocol):
     retry_temperature_step = 0.2
 
     def planner_prompt(self, task, ob, memory, examples=None):
+        if isinstance(examples, dict):       # few-shot exemplars per task type (fewshot.py)
+            examples = examples[task.data["task_type"]]
         return prompts.alfworld_planner(ob, prompts.window(memory, self.memory_last), examples)
 
     def next_query(self, ep):
@@ -149,6 +152,9 @@ class ALFWorldProtocol(Protocol):
 
 
 class InterCodeProtocol(Protocol):
+    """``end_on_repeat`` is off: the original's check compares history entries
+    ``"Action {n}: {action}"`` that include the step number, so it never fires (PAPER.md §1.4 reads
+    the rule, the code never applies it). Set it to apply the rule as described."""
     max_steps = 10
     task_kind = "programming task"
 

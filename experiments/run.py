@@ -1,0 +1,141 @@
+"""Entry point: ``python -m experiments.run --config=experiments/configs/<env>.py [--config.x=y]``.
+
+The config (ml_collections, locked: an unknown key fails with its name) names the stages to run in
+order (``--config.stages=eval``). Each stage is a function ``stage(config) -> None`` registered in
+``STAGES``; the training stages (``il``, ``rl``) register themselves there when they land.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+
+METHODS = ("retroact", "reflexion", "react")
+POLICIES = ("lm", "scripted-gold")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named with the key."""
+
+
+def _check(c) -> None:
+    import envs
+    if c.env not in envs.REGISTRY:
+        raise ConfigError(f"config.env={c.env!r}: known envs are {sorted(envs.REGISTRY)}")
+    if c.method not in METHODS:
+        raise ConfigError(f"config.method={c.method!r}: choose one of {METHODS}")
+    if c.model.policy not in POLICIES:
+        raise ConfigError(f"config.model.policy={c.model.policy!r}: choose one of {POLICIES}")
+    for k in ("num_tasks", "trials", "batch_size", "env_workers"):
+        if int(c.eval[k]) < 1:
+            raise ConfigError(f"config.eval.{k} must be >= 1, got {c.eval[k]}")
+    if c.eval.start_task < 0:
+        raise ConfigError(f"config.eval.start_task must be >= 0, got {c.eval.start_task}")
+
+
+def _lm_policy(source: str, lora: str, c, cache: dict):
+    """An LMPolicy over (model source, LoRA); models are shared between roles when identical."""
+    from retroact_jax import sampling
+    from retroact_jax.agent.lm_policy import LMPolicy
+    key = (source, lora)
+    if key not in cache:
+        from retroact_jax.models import hub
+        model, tok, _ = hub.load_pretrained(source, param_dtype=c.model.param_dtype)
+        if lora:
+            from retroact_jax.models import lora as lora_lib
+            lora_lib.load_lora(model, lora)
+        pad = tok.pad_id if tok.pad_id is not None else 0
+        cache[key] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids), tok)
+    sampler, tok = cache[key]
+    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental))
+
+
+def build_policies(c, tasks_by_index):
+    """(planner, reflector or None) for the config's method and policy kind."""
+    wants_reflector = c.method != "react"
+    if c.model.policy == "scripted-gold":
+        from retroact_jax.agent import gold
+        pol = gold.gold_policy(tasks_by_index)
+        return pol, (pol if wants_reflector else None)
+    cache: dict = {}
+    planner = _lm_policy(c.model.planner, c.model.planner_lora, c, cache)
+    if not wants_reflector:
+        return planner, None
+    reflector = _lm_policy(c.model.reflector or c.model.planner, c.model.reflector_lora, c, cache)
+    return planner, reflector
+
+
+def stage_eval(c) -> None:
+    import envs
+    from retroact_jax import evaluation
+    from retroact_jax.agent import loop, rollout
+    _check(c)
+    probe = envs.make(c.env, c.split)
+    try:
+        n_all = len(probe.tasks)
+        hi = min(n_all, c.eval.start_task + c.eval.num_tasks)
+        if c.eval.start_task >= n_all:
+            raise ConfigError(f"config.eval.start_task={c.eval.start_task} but {c.env}/{c.split} has "
+                              f"{n_all} tasks")
+        indices = list(range(c.eval.start_task, hi))
+        tasks = {i: probe.task_at(i) for i in indices}
+    finally:
+        probe.close()
+    planner, reflector = build_policies(c, tasks)
+    p_ex = r_ex = None
+    if c.method in ("react", "reflexion"):
+        from retroact_jax.agent import fewshot
+        p_ex = fewshot.planner_examples(c.env, c.eval.num_examples)
+        if c.method == "reflexion":
+            r_ex = fewshot.reflector_examples(c.env, c.eval.num_examples)
+    trials = 1 if c.method == "react" else int(c.eval.trials)
+    cfg = loop.AgentConfig(
+        trials=trials, batch_size=c.eval.batch_size, temperature=c.eval.temperature,
+        reflector_temperature=c.eval.reflector_temperature, seed=c.eval.seed,
+        env_workers=c.eval.env_workers, max_steps=c.eval.max_steps or None,
+        planner_max_tokens=c.eval.planner_max_tokens or None,
+        reflector_max_tokens=c.eval.reflector_max_tokens or None,
+        memory_last="default" if c.eval.memory_last < 0 else c.eval.memory_last)
+    run_dir = pathlib.Path(c.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+    summary = rollout.evaluate(
+        c.env, c.split, indices, planner, reflector, cfg, run_dir,
+        summary_trials=int(c.eval.trials), env_backend=c.eval.env_backend,
+        planner_examples=p_ex, reflector_examples=r_ex, show_progress=c.eval.progress)
+    backbone = c.backbone or c.model.planner
+    stats = {}
+    for role, pol in (("planner", planner), ("reflector", reflector)):
+        if pol is not None and hasattr(pol, "stats"):
+            stats[role] = dict(pol.stats)
+    evaluation.write_outputs(run_dir, summary, backbone, c.method, {"policy_stats": stats})
+    logging.info("results: %s", json.dumps({m: {k: round(v[k], 2) for k in ("IR", "FR", "AR")}
+                                            for m, v in summary["metrics"].items()}))
+    print((run_dir / "results.md").read_text())
+
+
+STAGES = {"eval": stage_eval}
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    c = _CONFIG.value
+    if c is None:
+        raise app.UsageError("--config=experiments/configs/<name>.py is required")
+    stages = [s.strip() for s in str(c.stages).split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"config.stages: unknown stage(s) {unknown}; available: {sorted(STAGES)}")
+    for s in stages:
+        logging.info("stage %s", s)
+        STAGES[s](c)
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

@@ -1,0 +1,161 @@
+"""Evaluation of retrospective agents: IR / FR / AR per environment, tables, plots, trajectories.
+
+Metrics (PAPER.md §5): for every task and trial k = 1..K the task's score after trial k, where a
+task solved at trial j keeps trial j's score for every k > j (trials stop once solved):
+
+  IR = mean over tasks of the trial-1 score, FR = trial K, AR = mean over k of the trial-k mean.
+
+Per env: HotpotQA ``f1`` (the env's score) and ``em`` (solved: F1 == 1, the original's is_correct);
+ALFWorld ``success_rate``; InterCode ``reward`` (InterCode IoU reward) and ``success_rate``
+(reward == 1). The Table 2 metric is the first of each (``PRIMARY``). Values are reported x100.
+
+Outputs in the run dir: ``trajectories.jsonl`` (one line per finished trial: prompts as spans,
+completions, observations, rewards, reflection, behaviour log-probs), ``results.json``,
+``results.md`` (Table 2 layout), ``metrics.png`` (each metric against the trial number).
+``TrajectoryLog`` appends and fsyncs one line per trial; on restart it reads the finished trials
+back (dropping a torn last line) so the evaluation resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Iterable, Mapping, Sequence
+
+PRIMARY = {"hotpotqa": "f1", "alfworld": "success_rate", "intercode_sql": "reward",
+           "intercode_bash": "reward"}
+METRICS = {"hotpotqa": ("f1", "em"), "alfworld": ("success_rate",),
+           "intercode_sql": ("reward", "success_rate"), "intercode_bash": ("reward", "success_rate")}
+ENV_LABEL = {"hotpotqa": "HotpotQA", "alfworld": "ALFWorld", "intercode_sql": "InterCode-SQL",
+             "intercode_bash": "InterCode-Bash"}
+
+
+class TrajectoryLog:
+    """Append-only JSONL of trial records, keyed by (task_index, trial)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> list[dict]:
+        """Records already written; a torn (partial) last line is cut off the file."""
+        if not self.path.exists():
+            return []
+        raw = self.path.read_bytes()
+        records, good = [], 0
+        seen = set()
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}: corrupt line {len(records) + 1}: {e}") from None
+            k = (rec["task_index"], rec["trial"])
+            if k in seen:
+                raise ValueError(f"{self.path}: duplicate record for task {k[0]} trial {k[1]}")
+            seen.add(k)
+            records.append(rec)
+            good += len(line)
+        if good < len(raw):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+        return records
+
+    def append(self, record: Mapping) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def task_curves(records: Sequence[Mapping], trials: int) -> dict[str, list[float]]:
+    """One task's per-trial ``score`` and ``success`` (carried forward after its last trial)."""
+    rs = sorted(records, key=lambda r: r["trial"])
+    score, success = [], []
+    for k in range(1, trials + 1):
+        r = rs[min(k, len(rs)) - 1]
+        score.append(float(r["score"]))
+        success.append(1.0 if r["success"] else 0.0)
+    return {"score": score, "success": success}
+
+
+def summarize(env: str, records: Iterable[Mapping], trials: int) -> dict:
+    """IR / FR / AR (x100) and per-trial curves of every metric of ``env``."""
+    by_task: dict[int, list] = {}
+    for r in records:
+        by_task.setdefault(int(r["task_index"]), []).append(r)
+    if not by_task:
+        raise ValueError(f"{env}: no trajectories to summarise")
+    curves = [task_curves(v, trials) for _, v in sorted(by_task.items())]
+    source = {"f1": "score", "reward": "score", "em": "success", "success_rate": "success"}
+    out = {"env": env, "num_tasks": len(curves), "trials": trials, "primary": PRIMARY[env],
+           "metrics": {}}
+    for m in METRICS[env]:
+        per_trial = [100.0 * sum(c[source[m]][k] for c in curves) / len(curves) for k in range(trials)]
+        out["metrics"][m] = {"IR": per_trial[0], "FR": per_trial[-1],
+                             "AR": sum(per_trial) / trials, "per_trial": per_trial}
+    out["trials_run"] = sum(len(v) for v in by_task.values())
+    return out
+
+
+def table2(rows: Sequence[tuple[str, str, Mapping[str, dict]]]) -> str:
+    """Markdown in the layout of the paper's Table 2. ``rows``: (backbone, method, {env: summary}).
+
+    Columns: per env (in the paper's order) IR / FR / AR of its primary metric, then Avg of all
+    numbers in the row. Secondary metrics (HotpotQA EM, InterCode success rate) follow in a
+    second table of the same layout."""
+    envs = [e for e in PRIMARY if any(e in s for _, _, s in rows)]
+    lines = []
+    for title, pick in (("primary", lambda e: PRIMARY[e]), ("secondary", None)):
+        cols = []
+        for e in envs:
+            ms = [PRIMARY[e]] if pick else [m for m in METRICS[e] if m != PRIMARY[e]]
+            cols += [(e, m) for m in ms]
+        if not cols:
+            continue
+        head = ["Backbone", "Method"] + [f"{ENV_LABEL[e]} {m} {x}" for e, m in cols
+                                         for x in ("IR", "FR", "AR")] + ["Avg"]
+        lines += [f"**{title} metrics** (x100)", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]
+        for backbone, method, s in rows:
+            vals = []
+            for e, m in cols:
+                mm = s.get(e, {}).get("metrics", {}).get(m)
+                vals += [mm[x] if mm else None for x in ("IR", "FR", "AR")]
+            nums = [v for v in vals if v is not None]
+            avg = sum(nums) / len(nums) if nums else None
+            cells = ["-" if v is None else f"{v:.2f}" for v in vals + [avg]]
+            lines.append("| " + " | ".join([backbone, method] + cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: Mapping, path: str | os.PathLike) -> None:
+    """Each metric of one run against the trial number (PNG, matplotlib Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ms = summary["metrics"]
+    fig, axes = plt.subplots(1, len(ms), figsize=(4.5 * len(ms), 3.5), squeeze=False)
+    for ax, (m, v) in zip(axes[0], ms.items()):
+        ks = list(range(1, len(v["per_trial"]) + 1))
+        ax.plot(ks, v["per_trial"], marker="o")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(f"{m} (x100)")
+        ax.set_title(f"{ENV_LABEL.get(summary['env'], summary['env'])}: {m}")
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(run_dir: str | os.PathLike, summary: Mapping, backbone: str, method: str,
+                  extra: Mapping | None = None) -> None:
+    d = pathlib.Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    res = {**summary, "backbone": backbone, "method": method, **(extra or {})}
+    (d / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (d / "results.md").write_text(table2([(backbone, method, {summary["env"]: summary})]) + "\n")
+    plot(summary, d / "metrics.png")
