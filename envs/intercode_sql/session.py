@@ -80,7 +80,7 @@ class SqlRunner:
         if self._admin is None or not self._admin.open:
             self._admin = pymysql.connect(**self._admin_kwargs, autocommit=True, connect_timeout=10, ssl_disabled=True)
         try:
-            self._admin.ping(reconnect=True)
+            self._admin.ping(reconnect=False)
         except pymysql.err.MySQLError:
             self._admin = pymysql.connect(**self._admin_kwargs, autocommit=True, connect_timeout=10, ssl_disabled=True)
         return self._admin.cursor()
