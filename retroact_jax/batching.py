@@ -14,12 +14,11 @@ therefore gives sequences the model never conditions on at inference time, where
 tokenised as a whole; the trained log-probs would be those of other token strings. So this module
 (1) uses the tokenizer's ``encode_pieces(pieces) -> (ids, piece_index_per_token)`` when it has one
 (the project tokenizer defines there how pieces are tokenised consistently with the sampler), else
-(2) tokenises the concatenated text once and maps each token's character offsets back to spans.
-A token whose characters straddle a span boundary takes the most-trained kind among the spans it
-touches (generated > observation > prompt: supervision of generated characters is never dropped) and
-is counted in ``TokenizedSample.n_boundary_tokens``. Zero-width tokens (BOS/EOS added by a
-post-processor, trimmed whitespace) take the kind of the token before them (the first span's kind at
-the start).
+(2) tokenises the concatenated text once and maps each token's character offsets back to spans with the
+same rule as ``retroact_jax.tokenizer.encode_pieces``: a token belongs to the span holding the LAST
+character it covers (a token straddling a boundary goes to the later span; such tokens are counted in
+``TokenizedSample.n_boundary_tokens``); zero-width tokens (BOS added by a post-processor, trimmed
+whitespace) belong to the span at their start offset; empty spans own no tokens.
 
 **Boundary rule (PAPER.md §3.4 item 8).** The text trained is exactly ``"".join(span texts)``; the
 inference prompt of the same step must be the concatenation of the spans before the generated span.
@@ -39,7 +38,6 @@ from retroact_jax import losses
 SPAN_KINDS = ("prompt", "generated", "observation")
 KIND_PAD, KIND_PROMPT, KIND_GENERATED, KIND_OBSERVATION = -1, 0, 1, 2
 _KIND_ID = {"prompt": KIND_PROMPT, "generated": KIND_GENERATED, "observation": KIND_OBSERVATION}
-_PRIORITY = {KIND_PROMPT: 0, KIND_OBSERVATION: 1, KIND_GENERATED: 2}
 ROLES = {"planner": losses.ROLE_PLANNER, "reflector": losses.ROLE_REFLECTOR}
 OBJECTIVES = {"il": losses.OBJECTIVE_IL, "rl": losses.OBJECTIVE_RL}
 OBSERVATION_MODES = ("trained", "masked")
@@ -55,7 +53,7 @@ class Sample:
     """One training text.
 
     role: "planner" | "reflector"; objective: "il" (imitation / the RL stage's regulariser) | "rl".
-    spans: ((kind, text), ...), kinds from SPAN_KINDS.
+    spans: ((kind, text), ...), kinds from SPAN_KINDS (``agent.spans.Span`` objects are accepted too).
     reward: the trajectory reward R_tau (RL planner rows).
     last_reward / current_reward: rewards of the trials before / after the reflection (RL reflector rows).
     behaviour_logp: per-token log-probs of the behaviour policy, one per non-prompt token (generated and
@@ -77,7 +75,9 @@ class Sample:
             raise SampleError(f"unknown role {self.role!r}; valid: {', '.join(ROLES)}")
         if self.objective not in OBJECTIVES:
             raise SampleError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
-        spans = tuple(tuple(s) for s in self.spans)
+        # (kind, text) pairs, or span objects with .role and .text (retroact_jax.agent.spans.Span)
+        spans = tuple((s.role, s.text) if hasattr(s, "role") and hasattr(s, "text") else tuple(s)
+                      for s in self.spans)
         for s in spans:
             if len(s) != 2 or s[0] not in _KIND_ID or not isinstance(s[1], str):
                 raise SampleError(f"a span must be (kind, text) with kind in {SPAN_KINDS}; got {s!r:.120}")
@@ -122,30 +122,28 @@ def _encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tup
 
 def _kinds_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[str, str]],
                         n_chars: int) -> tuple[np.ndarray, int]:
-    starts = np.cumsum([0] + [len(t) for _, t in spans])
-    span_kind = [_KIND_ID[k] for k, _ in spans]
-    first_kind = span_kind[0]
-    kinds, boundary, prev = [], 0, first_kind
+    ends = np.cumsum([len(t) for _, t in spans])
+    span_kind = np.asarray([_KIND_ID[k] for k, _ in spans], np.int8)
+
+    def span_at(char: int) -> int:  # the span holding character `char` (empty spans hold none)
+        return min(int(np.searchsorted(ends, char, side="right")), len(spans) - 1)
+
+    kinds, boundary = [], 0
     for s, e in offsets:
         if not (0 <= s <= e <= n_chars):
             raise SampleError(f"tokenizer offset ({s}, {e}) lies outside the text of {n_chars} characters")
-        if e == s:
-            kinds.append(prev)
-            continue
-        lo = int(np.searchsorted(starts, s, side="right")) - 1
-        hi = int(np.searchsorted(starts, e, side="left")) - 1
-        touched = {span_kind[i] for i in range(lo, hi + 1) if starts[i + 1] > starts[i]}
-        if hi > lo and len(touched) > 1:
-            boundary += 1
-        prev = max(touched, key=_PRIORITY.__getitem__)
-        kinds.append(prev)
+        last = span_kind[span_at(e - 1 if e > s else s)]
+        boundary += int(e > s and span_kind[span_at(s)] != last)
+        kinds.append(last)
     return np.asarray(kinds, np.int8), boundary
 
 
-def tokenize_sample(sample: Sample, tokenizer: Any, *, eos_id: int | None = None) -> TokenizedSample:
+def tokenize_sample(sample: Sample, tokenizer: Any, *, bos_id: int | None = None,
+                    eos_id: int | None = None) -> TokenizedSample:
     """Token ids and one span kind per token (see the module docstring for the method and why).
 
-    ``eos_id``: appended with the kind of the last span (the original trains ``input + output + eos``).
+    ``bos_id``: prepended as a prompt token. ``eos_id``: appended with the kind of the last span (the
+    original trains ``input + output + eos``).
     """
     pieces = [t for _, t in sample.spans]
     boundary = 0
@@ -161,6 +159,9 @@ def tokenize_sample(sample: Sample, tokenizer: Any, *, eos_id: int | None = None
         text = sample.text
         ids, offsets = _encode_with_offsets(tokenizer, text)
         kinds, boundary = _kinds_from_offsets(offsets, sample.spans, len(text))
+    if bos_id is not None:
+        ids = [int(bos_id)] + list(ids)
+        kinds = np.concatenate([np.asarray([KIND_PROMPT], np.int8), kinds])
     if eos_id is not None:
         ids = ids + [int(eos_id)]
         kinds = np.concatenate([kinds, np.asarray([_KIND_ID[sample.spans[-1][0]]], np.int8)])

@@ -142,6 +142,8 @@ def row_to_sample(row: Any, env: str, objective: str, *, status_tail: str = "obs
     """One row -> Sample; raises ValueError saying what is wrong with the row."""
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    if row.get("type") not in ("planner", "reflector"):
+        raise ValueError(f"type must be 'planner' or 'reflector', got {row.get('type')!r}")
     allowed = {"instruction", "input", "output", "type"}
     if objective == "rl":
         allowed |= {"reward"} if row.get("type") == "planner" else {"last_reward", "current_reward"}
@@ -149,8 +151,6 @@ def row_to_sample(row: Any, env: str, objective: str, *, status_tail: str = "obs
     if missing or extra:
         raise ValueError(f"fields missing {missing} / unexpected {extra} for a {objective} "
                          f"{row.get('type')!r} row")
-    if row["type"] not in ("planner", "reflector"):
-        raise ValueError(f"type must be 'planner' or 'reflector', got {row['type']!r}")
     for key in ("instruction", "input", "output"):
         if not isinstance(row[key], str):
             raise ValueError(f"field {key!r} must be a string, got {type(row[key]).__name__}")
