@@ -1,0 +1,86 @@
+"""Gold replay of InterCode-SQL through the env, as one JSON object.
+
+For every task of the split: ``reset`` -> ``execute[gold]`` -> ``submit``. Reports how many get reward 1,
+which do not (expected: the 6 golds that are SQL errors, data/intercode/README.md), the latency of
+reset / execute step / submit (p50, p90, p99, max in ms), the server start time, and as the reference
+the same golds run bare over one admin connection (pymysql, no isolation), measured in the same run.
+
+    python bench/intercode_sql_gold.py [--split all|test|train]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+
+def _pct_ms(xs: list[float]) -> dict:
+    a = np.asarray(xs) * 1e3
+    return {k: round(float(v), 3) for k, v in
+            {"p50": np.percentile(a, 50), "p90": np.percentile(a, 90), "p99": np.percentile(a, 99), "max": a.max()}.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--split", default="all", choices=["all", "test", "train"])
+    a = ap.parse_args()
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # run from anywhere
+    import pymysql
+    import envs
+    from envs.intercode_sql import server as srv
+
+    t0 = time.perf_counter()
+    info, started = srv.start()
+    start_s = time.perf_counter() - t0
+
+    env = envs.make("intercode_sql", a.split)
+    t_reset, t_exec, t_submit, failed, rewards = [], [], [], [], []
+    t_all = time.perf_counter()
+    for task in env.tasks:
+        t = time.perf_counter()
+        env.reset(task)
+        t_reset.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        env.step(f"execute[{task.data['gold']}]")
+        t_exec.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        _, r, _, _ = env.step("submit")
+        t_submit.append(time.perf_counter() - t)
+        rewards.append(r)
+        if r != 1.0:
+            failed.append(task.data["ic_index"])
+    replay_s = time.perf_counter() - t_all
+    env.close()
+
+    # reference: the golds bare, one admin connection, as InterCode's single cursor would run them
+    cnx = pymysql.connect(**info.admin(), ssl_disabled=True)
+    n_err, n_empty = 0, 0
+    t = time.perf_counter()
+    with cnx.cursor() as cur:
+        for task in env.tasks:
+            try:
+                cur.execute(f"USE `{task.data['db']}`")
+                cur.execute(task.data["gold"])
+                n_empty += len(cur.fetchall()) == 0
+            except pymysql.err.MySQLError:
+                n_err += 1
+    ref_s = time.perf_counter() - t
+    cnx.close()
+
+    print(json.dumps({
+        "bench": "intercode_sql_gold", "split": a.split, "tasks": len(rewards),
+        "reward_1": sum(r == 1.0 for r in rewards), "failed_ids": failed,
+        "server": {"started_here": started, "start_s": round(start_s, 3), "port": info.port},
+        "env_replay_s": round(replay_s, 3),
+        "latency_ms": {"reset": _pct_ms(t_reset), "execute_step": _pct_ms(t_exec), "submit_step": _pct_ms(t_submit)},
+        "reference_bare_pymysql": {"s": round(ref_s, 3), "gold_errors": n_err, "empty_results": n_empty},
+    }))
+
+
+if __name__ == "__main__":
+    main()
