@@ -2,8 +2,9 @@
 
 ``EnvPool(env, split, workers=N)`` starts N processes; each builds its envs with
 ``envs.make(env, split, **env_kwargs)`` and owns the episodes ``slot % N == worker``. A batch is
-``reset_many(tasks)`` (episode ``i`` plays ``tasks[i]``) then ``step_many(actions)`` calls, one
-action per episode (``None`` skips an episode, e.g. one that is done), until the caller stops.
+``reset_many(tasks)`` (episode ``i`` plays ``tasks[i]``; ``None`` keeps episode ``i`` going) then
+``step_many(actions)`` calls, one action per episode (``None`` skips an episode, e.g. one that is
+done), until the caller stops.
 Every call sends each worker its share first and then collects the answers, so the episodes of
 a batch run concurrently rather than one after another.
 
@@ -137,10 +138,14 @@ class EnvPool:
         return len(self._batch)
 
     # -- episodes -----------------------------------------------------------------------------
-    def reset_many(self, tasks: Sequence[Task | int]) -> list[str]:
-        """Start one episode per task (episode i plays tasks[i]); the initial observations."""
+    def reset_many(self, tasks: Sequence[Task | int | None]) -> list[str | None]:
+        """Start episode i on ``tasks[i]``; the initial observations. The batch size becomes
+        ``len(tasks)``; ``tasks[i] is None`` leaves episode i as it is (its observation is None),
+        so finished episodes can be restarted while the others go on."""
         tasks = list(tasks)
-        self._batch = tasks
+        old = self._batch
+        self._batch = [t if t is not None else (old[i] if i < len(old) else None)
+                       for i, t in enumerate(tasks)]
         return self._call("reset", tasks)
 
     def step_many(self, actions: Sequence[str | None]) -> list[StepResult | None]:

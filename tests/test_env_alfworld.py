@@ -239,15 +239,22 @@ def test_pool_replays_sample_with_two_workers(sample):
         # stepping a finished episode is caller misuse: a clear error naming the episode
         with pytest.raises(PoolError, match=r"episode 0 \(task 'look_at_obj_in_light.*step\('look'\)"):
             pool.step_many(["look"] + [None] * (len(sample) - 1))
-        # the pool is still usable, for a new batch
-        assert pool.reset_many([7])[0].split("\n")[-1] == pool.tasks[7].instruction
-        with pytest.raises(envs.EnvError, match="2 actions for a batch of 1"):
+        # the pool is still usable: restart only the last episode, the others keep their state
+        obs = pool.reset_many([None] * 5 + [7])
+        assert obs[:5] == [None] * 5 and obs[5].split("\n")[-1] == pool.tasks[7].instruction
+        with pytest.raises(PoolError, match=r"episode 0 \(task 'look_at_obj_in_light"):
+            pool.step_many(["look"] + [None] * 4 + ["look"])
+        assert pool.step_many([None] * 5 + ["inventory"])[5][0] == "You are not carrying anything."
+        with pytest.raises(envs.EnvError, match="2 actions for a batch of 6"):
             pool.step_many(["look", "look"])
+        pool.ping()
         # a dead worker is named
-        os.kill(pool._procs[0].pid, signal.SIGKILL)
-        pool._procs[0].join(10)
-        with pytest.raises(PoolError, match=r"worker 0 .*died"):
-            pool.step_many(["look"])
+        os.kill(pool._procs[1].pid, signal.SIGKILL)
+        pool._procs[1].join(10)
+        with pytest.raises(PoolError, match=r"worker 1 .*died.*episodes \[5\]"):
+            pool.step_many([None] * 5 + ["look"])
+        with pytest.raises(PoolError, match="unusable"):
+            pool.step_many([None] * 6)
 
 
 def test_pool_shutdown_is_quiet(tmp_path):
