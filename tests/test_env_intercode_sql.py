@@ -317,6 +317,8 @@ def test_time_row_and_byte_caps(server):
         assert "more than 0 MiB" in r.execute("SELECT REPEAT('x', 5000) FROM city LIMIT 50")
         assert r.execute("SELECT COUNT(*) FROM city") == [(4079,)]      # reconnected after each drop
         assert r.execute("SELECT Name FROM city ORDER BY ID LIMIT 2") == [("Kabul",), ("Qandahar",)]
+        assert r.execute("KILL CONNECTION_ID()") == "Error executing query: Connection was killed"
+        assert r.execute("SELECT COUNT(*) FROM country") == [(239,)]       # the next statement reconnects
     finally:
         r.close()
 

@@ -147,19 +147,22 @@ class SqlRunner:
 
     def execute(self, sql: str) -> Result:
         """Run one statement; never raises on the statement's account."""
-        if self._cnx is None or not self._cnx.open:
+        cnx = None
+        for attempt in range(2):   # a connection the agent killed last time is replaced once
             try:
-                self._cnx = self._connect()
+                if self._cnx is None or not self._cnx.open:
+                    self._cnx = self._connect()
+                cnx = self._cnx
+                with cnx.cursor(pymysql.cursors.Cursor) as cur:
+                    cur.execute(f"SET SESSION max_statement_time={self.timeout_s:g}, "
+                                f"sql_select_limit={self.row_cap + 1}")
+                break
             except Exception as e:  # noqa: BLE001
-                return error_obs(_mysql_msg(e))
-        cnx = self._cnx
-        try:
-            with cnx.cursor(pymysql.cursors.Cursor) as cur:
-                cur.execute(f"SET SESSION max_statement_time={self.timeout_s:g}, "
-                            f"sql_select_limit={self.row_cap + 1}")
-        except Exception as e:  # noqa: BLE001 - broken connection: retry once on a fresh one
-            self._drop(cnx)
-            return error_obs(_mysql_msg(e))
+                if cnx is not None:
+                    self._drop(cnx)
+                cnx = None
+                if attempt == 1:
+                    return error_obs(_mysql_msg(e))
         cur = cnx.cursor()
         try:
             cur.execute(sql)
