@@ -57,10 +57,12 @@ def token_logprobs_and_entropy(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -
     of that same distribution; both are 0 at t = 0 (no prediction for the first token).
     """
     logits = logits_BxTxV[:, :-1].astype(jnp.float32)
-    logsm_BxTxV = jax.nn.log_softmax(logits, axis=-1)
     nxt = tokens_BxT[:, 1:].astype(jnp.int32)
-    logp = jnp.take_along_axis(logsm_BxTxV, nxt[..., None], axis=-1)[..., 0]
-    ent = -jnp.sum(jnp.exp(logsm_BxTxV) * logsm_BxTxV, axis=-1)
+    lse_BxT = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, nxt[..., None], axis=-1)[..., 0] - lse_BxT
+    # H = lse - E_p[logit]: reductions XLA fuses, no second [B, T, V] log-softmax kept; -inf logits give 0
+    p_BxTxV = jnp.exp(logits - lse_BxT[..., None])
+    ent = lse_BxT - jnp.sum(jnp.where(p_BxTxV > 0, p_BxTxV * logits, 0.0), axis=-1)
     zero_Bx1 = jnp.zeros((tokens_BxT.shape[0], 1), jnp.float32)
     return jnp.concatenate([zero_Bx1, logp], axis=1), jnp.concatenate([zero_Bx1, ent], axis=1)
 

@@ -113,6 +113,10 @@ def test_token_logprobs_stable_for_huge_logits_and_bf16():
     logp = losses.token_logprobs(logits, jnp.asarray([[0, 1]]))
     assert np.all(np.isfinite(logp))
     np.testing.assert_allclose(logp[0, 1], -1e4, rtol=1e-2)
+    masked = jnp.asarray([[[0.0, -jnp.inf, 0.0], [0.0, 0.0, 0.0]]], jnp.float32)  # a vocabulary-masked logit
+    logp, ent = losses.token_logprobs_and_entropy(masked, jnp.asarray([[0, 2]]))
+    np.testing.assert_allclose(logp[0, 1], np.log(0.5), rtol=1e-6)
+    np.testing.assert_allclose(ent[0, 1], np.log(2.0), rtol=1e-6)
 
 
 def test_token_logprobs_gradient_matches_finite_differences():
