@@ -9,7 +9,7 @@ for llama-arch models so its GPT-J style RoPE works; we undo it per head,
 embeddings.
 
 ``load_gguf(path)`` caches the dequantised fp32 copy as an HF safetensors directory under
-``envs.data.cache_dir("models", <stem>-<key>)`` (key: size and mtime of the GGUF), written to a
+``envs.data.cache_dir("models", <stem>-<key>)`` (key: path, size, mtime, CACHE_VERSION), written to a
 temporary folder and renamed, so concurrent first loads are safe and the second load is a lazy
 safetensors read (<1 s instead of ~10 s). ``gguf_tokenizer_dir(path)`` builds ``tokenizer.json``
 (via transformers, once, ~6 s) plus ``tokenizer_config.json`` (chat template, special tokens) in the
@@ -43,6 +43,10 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+# Part of the cache key: bump when the conversion changes so stale caches are not reused.
+CACHE_VERSION = 2
 
 
 class GGUFError(ValueError):
@@ -173,7 +177,8 @@ def cache_dir_for(path: str | os.PathLike) -> pathlib.Path:
     from envs import data
     path = pathlib.Path(path).resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|v{CACHE_VERSION}".encode())
+    key = key.hexdigest()[:16]
     return data.cache_dir("models") / f"{path.stem}-{key}"
 
 
