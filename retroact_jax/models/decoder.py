@@ -79,7 +79,7 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, param_dtype="float32", dtype="float32",
                  rngs: nnx.Rngs):
-        init = jax.nn.initializers.normal(stddev=1.0)
+        init = jax.nn.initializers.normal(stddev=1.0 / math.sqrt(dim))   # tied logits ~ N(0, 1)
         self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), _dtype(param_dtype)))
         self.dtype = _dtype(dtype)
 

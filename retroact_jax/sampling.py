@@ -1,0 +1,340 @@
+"""Compiled sampler: batched prefill, incremental extend, a ``lax.while_loop`` decode, log-probs.
+
+An episode's KV cache lives in a ``SamplerState`` between agent steps::
+
+    sampler = Sampler(model)                        # or Sampler(graphdef=..., params=...)
+    state = sampler.start(prompts)                  # prefill (left-padded, batch + length buckets)
+    state, out = sampler.generate(state, key, max_new_tokens=64, stop_mask=mask)
+    state = sampler.extend(state, observations)     # append tokens; no re-prefill of the history
+    state, out = sampler.generate(state, key, ...)  # step k costs what it adds, not its history
+    out = sampler.sample(prompts, key, ...)         # one-shot: prefill + decode in ONE jit
+
+Shapes are bucketed so calls within a bucket never recompile (``TRACE_COUNTS`` counts traces):
+batch -> ``batch_buckets`` (rows beyond the real ones are dummies: no tokens, budget 0), prompt /
+extension chunk length -> ``chunk_buckets`` (left-padded; padding becomes invalid cache slots),
+cache length -> ``length_buckets`` (the cache is grown by copying into the next bucket when a call
+would overflow it; past the last bucket a ``SamplerError`` is raised), new tokens ->
+``new_token_buckets``. The cache (``decoder.KVCache``: per layer ``[B, S, K, H]``) is donated: a
+state passed to ``extend`` / ``generate`` must not be used again.
+
+Decoding: at each step every unfinished row samples one token from its current logits, the token is
+written to the cache (finished rows write invalid slots) and the next logits are computed; a row
+finishes on a token in ``stop_mask`` (tokens whose text contains a stop string, see
+``stop_token_mask``), on an ``eos_ids`` token, or when it has produced its ``max_new_tokens``; the
+loop ends when every row has finished. The stop/eos token is included in the output and the cache.
+``temperature == 0`` is greedy; otherwise tokens are drawn from ``softmax(logits / temperature)``
+restricted to the top-p nucleus when ``top_p < 1``. ``logp`` is the log-prob of each drawn token
+under that sampling distribution (nucleus renormalised); for greedy decoding, where that
+distribution is degenerate, it is the temperature-1 log-prob (what the scoring pass returns).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retroact_jax.models.decoder import KVCache, positions_after
+
+TRACE_COUNTS: collections.Counter = collections.Counter()   # traced-function name -> traces
+
+POW2 = tuple(2 ** i for i in range(0, 16))
+MAX_EOS = 8
+
+
+class SamplerError(ValueError):
+    """Bad sampler input (empty prompt, token out of range) or a cache past its last bucket."""
+
+
+def bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise SamplerError(f"{what} = {n} exceeds the largest bucket {max(buckets)}")
+
+
+@flax.struct.dataclass
+class SamplerState:
+    """An episode batch: its KV cache and each row's logits for the next token."""
+    cache: KVCache
+    last_logits_BxV: jax.Array                              # float32
+    num_rows: int = flax.struct.field(pytree_node=False)    # real rows; the rest are dummies
+
+
+@dataclasses.dataclass
+class Completion:
+    """Host arrays for the real rows. ``tokens_BxN`` is padded with ``pad_id`` and ``logp_BxN``
+    with 0 after ``lengths_B``; the stop / eos token, when hit, is the last counted token."""
+    tokens_BxN: np.ndarray
+    lengths_B: np.ndarray
+    logp_BxN: np.ndarray
+
+
+def stop_token_mask(decode: Callable[[int], str], vocab_size: int,
+                    stop_strings: Sequence[str]) -> np.ndarray:
+    """[V] bool: tokens whose decoded text contains any stop string (e.g. ``"\\n"``).
+
+    ``decode(id) -> str`` decodes one token (e.g. ``lambda i: tok.decode([i])``). A stop string
+    that only appears across a token boundary is not caught here: trim the decoded text as well.
+    """
+    if not stop_strings or any(not s for s in stop_strings):
+        raise SamplerError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+    mask = np.zeros((vocab_size,), bool)
+    for i in range(vocab_size):
+        text = decode(i)
+        mask[i] = any(s in text for s in stop_strings)
+    return mask
+
+
+# --------------------------------------------------------------------------- pure traced functions
+def _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT):
+    """Write T (left-padded) tokens per row; rows with no new token keep their logits."""
+    TRACE_COUNTS["extend"] += 1
+    model = nnx.merge(graphdef, params)
+    logits, cache = model(tokens_BxT, positions_after(cache, valid_BxT), valid_BxT, cache=cache,
+                          last_only=True)
+    return cache, jnp.where(valid_BxT[:, -1:], logits, last_logits_BxV)
+
+
+def _nucleus(scaled_BxV, top_p):
+    """Mask logits outside the smallest set whose probability reaches ``top_p`` (>= 1 token)."""
+    probs = jax.nn.softmax(scaled_BxV, axis=-1)
+    desc = -jnp.sort(-probs, axis=-1)
+    before = jnp.cumsum(desc, axis=-1) - desc            # mass of strictly more likely tokens
+    kept = before < top_p
+    kept = kept.at[:, 0].set(True)
+    cutoff = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(probs >= cutoff, scaled_BxV, -jnp.inf)
+
+
+def _pick(logits_BxV, key, temperature, top_p):
+    """(token_B, logp_B) for one step (see the module docstring for the log-prob definition)."""
+    def greedy(_):
+        tok = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        lp = jax.nn.log_softmax(logits_BxV, axis=-1)
+        return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+    def stochastic(_):
+        scaled = logits_BxV / temperature
+        scaled = jax.lax.cond(top_p < 1.0, _nucleus, lambda s, p: s, scaled, top_p)
+        lp = jax.nn.log_softmax(scaled, axis=-1)
+        tok = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+    return jax.lax.cond(temperature > 0.0, stochastic, greedy, None)
+
+
+def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, stop_mask_V, eos_E,
+            temperature, top_p, *, n_max: int, pad_id: int):
+    TRACE_COUNTS["decode"] += 1
+    model = nnx.merge(graphdef, params)
+    b = max_new_B.shape[0]
+    tokens0 = jnp.full((b, n_max), pad_id, jnp.int32)
+    logp0 = jnp.zeros((b, n_max), jnp.float32)
+
+    def cond(c):
+        i, done = c[0], c[5]
+        return (i < n_max) & ~jnp.all(done)
+
+    def body(c):
+        i, cache, logits, tokens, logp, done, count, key = c
+        key, sub = jax.random.split(key)
+        tok, lp = _pick(logits, sub, temperature, top_p)
+        live = ~done
+        tok = jnp.where(live, tok, pad_id)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+        logp = jax.lax.dynamic_update_slice(logp, jnp.where(live, lp, 0.0)[:, None], (0, i))
+        stopped = stop_mask_V[tok] | jnp.any(tok[:, None] == eos_E[None, :], axis=-1)
+        new_logits, cache = model(tok[:, None], positions_after(cache, live[:, None]),
+                                  live[:, None], cache=cache, last_only=True)
+        logits = jnp.where(live[:, None], new_logits, logits)
+        done = done | stopped | (i + 1 >= max_new_B)
+        return i + 1, cache, logits, tokens, logp, done, count + live.astype(jnp.int32), key
+
+    init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, tokens0, logp0, max_new_B <= 0,
+            jnp.zeros((b,), jnp.int32), key)
+    _, cache, logits, tokens, logp, _, count, _ = jax.lax.while_loop(cond, body, init)
+    return cache, logits, tokens, logp, count
+
+
+def _prefill_decode(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT, key,
+                    max_new_B, stop_mask_V, eos_E, temperature, top_p, *, n_max, pad_id):
+    TRACE_COUNTS["prefill_decode"] += 1
+    cache, logits = _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT)
+    return _decode(graphdef, params, cache, logits, key, max_new_B, stop_mask_V, eos_E,
+                   temperature, top_p, n_max=n_max, pad_id=pad_id)
+
+
+def _grow(cache: KVCache, length: int) -> KVCache:
+    TRACE_COUNTS["grow"] += 1
+    extra = length - cache.length
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    return KVCache(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)),
+                   valid_BxS=jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))), end=cache.end)
+
+
+_extend_jit = jax.jit(_extend, static_argnums=0, donate_argnums=(2, 3))
+_decode_jit = jax.jit(_decode, static_argnums=0, static_argnames=("n_max", "pad_id"),
+                      donate_argnums=(2, 3))
+_prefill_decode_jit = jax.jit(_prefill_decode, static_argnums=0,
+                              static_argnames=("n_max", "pad_id"), donate_argnums=(2, 3))
+_grow_jit = jax.jit(_grow, static_argnums=1, donate_argnums=0)
+
+
+# ------------------------------------------------------------------------------------ host side
+class Sampler:
+    """Host-side driver: bucketing, padding, cache growth; the math is in the jitted functions."""
+
+    def __init__(self, model=None, *, graphdef=None, params=None, pad_id: int = 0,
+                 eos_ids: Sequence[int] | None = None,
+                 batch_buckets: Sequence[int] = POW2,
+                 chunk_buckets: Sequence[int] = tuple(b for b in POW2 if b >= 8),
+                 length_buckets: Sequence[int] = tuple(b for b in POW2 if b >= 64),
+                 new_token_buckets: Sequence[int] = tuple(b for b in POW2 if b >= 8)):
+        if model is not None:
+            graphdef, params = nnx.split(model)
+        if graphdef is None or params is None:
+            raise SamplerError("Sampler needs a model or graphdef= and params=")
+        self.graphdef, self.params = graphdef, params
+        self.cfg = nnx.merge(graphdef, params).cfg
+        self.pad_id = int(pad_id)
+        if eos_ids is None:
+            e = self.cfg.eos_token_id
+            eos_ids = () if e is None else (e,) if isinstance(e, int) else tuple(e)
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        if len(self.eos_ids) > MAX_EOS:
+            raise SamplerError(f"at most {MAX_EOS} eos ids, got {self.eos_ids}")
+        self.batch_buckets = tuple(sorted(batch_buckets))
+        self.chunk_buckets = tuple(sorted(chunk_buckets))
+        self.length_buckets = tuple(sorted(length_buckets))
+        self.new_token_buckets = tuple(sorted(new_token_buckets))
+
+    def set_params(self, params) -> None:
+        """New weights of the same shapes (e.g. after an RL update): no recompilation."""
+        self.params = params
+
+    # ------------------------------------------------------------------ helpers
+    def _chunk(self, rows: Sequence[Sequence[int]], batch: int):
+        v = self.cfg.vocab_size
+        n = max([len(r) for r in rows] + [1])
+        t = bucket(n, self.chunk_buckets, "token chunk length")
+        tokens = np.full((batch, t), self.pad_id, np.int32)
+        valid = np.zeros((batch, t), bool)
+        for i, r in enumerate(rows):
+            r = np.asarray(r, np.int64).reshape(-1)
+            if r.size and (r.min() < 0 or r.max() >= v):
+                raise SamplerError(f"row {i} has token ids outside [0, {v}): {r.min()}..{r.max()}")
+            if r.size:
+                tokens[i, t - r.size:] = r
+                valid[i, t - r.size:] = True
+        return tokens, valid
+
+    def _fresh(self, batch: int, length: int, num_rows: int) -> SamplerState:
+        return SamplerState(cache=KVCache.init(self.cfg, batch, length),
+                            last_logits_BxV=jnp.zeros((batch, self.cfg.vocab_size), jnp.float32),
+                            num_rows=num_rows)
+
+    def _fit(self, state: SamplerState, need: int) -> SamplerState:
+        """Grow the cache into the bucket holding ``need`` slots (copy), if needed."""
+        if need <= state.cache.length:
+            return state
+        length = bucket(need, self.length_buckets, "KV cache length (slots used + new)")
+        return state.replace(cache=_grow_jit(state.cache, length))
+
+    def _budgets(self, max_new_tokens, state: SamplerState, batch: int | None = None):
+        b = state.cache.batch if batch is None else batch
+        mx = np.zeros((b,), np.int32)
+        mx[: state.num_rows] = np.broadcast_to(np.asarray(max_new_tokens, np.int64),
+                                               (state.num_rows,))
+        if mx.min() < 0:
+            raise SamplerError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        return mx
+
+    def _decode_args(self, key, mx, stop_mask, eos_ids, temperature, top_p):
+        v = self.cfg.vocab_size
+        stop = np.zeros((v,), bool) if stop_mask is None else np.asarray(stop_mask, bool)
+        if stop.shape != (v,):
+            raise SamplerError(f"stop_mask must have shape ({v},), got {stop.shape}")
+        eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
+        if len(eos) > MAX_EOS:
+            raise SamplerError(f"at most {MAX_EOS} eos ids, got {eos}")
+        eos_arr = np.full((MAX_EOS,), -1, np.int32)
+        eos_arr[: len(eos)] = eos
+        if not (temperature >= 0.0) or not (0.0 < top_p <= 1.0):
+            raise SamplerError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if key is None:
+            key = jax.random.key(0)
+        return (key, jnp.asarray(mx), jnp.asarray(stop), jnp.asarray(eos_arr),
+                jnp.float32(temperature), jnp.float32(top_p))
+
+    def _completion(self, state, tokens, logp, lengths, mx) -> Completion:
+        r = state.num_rows
+        n = int(mx[:r].max(initial=0))
+        return Completion(tokens_BxN=np.asarray(tokens)[:r, :n],
+                          lengths_B=np.asarray(lengths)[:r],
+                          logp_BxN=np.asarray(logp)[:r, :n])
+
+    # ------------------------------------------------------------------ public
+    def start(self, prompts: Sequence[Sequence[int]], reserve: int = 0) -> SamplerState:
+        """Prefill ``prompts`` (token id lists, >= 1 token each) into a fresh cache with room for
+        ``reserve`` more slots."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise SamplerError("start() needs at least one prompt and no empty prompt")
+        b = bucket(len(prompts), self.batch_buckets, "batch size")
+        tokens, valid = self._chunk(prompts, b)
+        length = bucket(tokens.shape[1] + reserve, self.length_buckets, "KV cache length")
+        state = self._fresh(b, length, len(prompts))
+        cache, logits = _extend_jit(self.graphdef, self.params, state.cache, state.last_logits_BxV,
+                                    tokens, valid)
+        return state.replace(cache=cache, last_logits_BxV=logits)
+
+    def extend(self, state: SamplerState, new_tokens: Sequence[Sequence[int]]) -> SamplerState:
+        """Append ``new_tokens[i]`` (may be empty) to row i's cache without re-prefilling."""
+        if len(new_tokens) != state.num_rows:
+            raise SamplerError(f"extend() got {len(new_tokens)} rows, the state has "
+                               f"{state.num_rows}")
+        if all(len(r) == 0 for r in new_tokens):
+            return state
+        tokens, valid = self._chunk(new_tokens, state.cache.batch)
+        state = self._fit(state, int(state.cache.end) + tokens.shape[1])
+        cache, logits = _extend_jit(self.graphdef, self.params, state.cache, state.last_logits_BxV,
+                                    tokens, valid)
+        return state.replace(cache=cache, last_logits_BxV=logits)
+
+    def generate(self, state: SamplerState, key=None, max_new_tokens=32, *, temperature=0.0,
+                 top_p=1.0, stop_mask=None, eos_ids=None) -> tuple[SamplerState, Completion]:
+        """Continue every row (``max_new_tokens``: int or one per row; 0 = leave the row alone)."""
+        mx = self._budgets(max_new_tokens, state)
+        n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
+        state = self._fit(state, int(state.cache.end) + int(mx.max(initial=0)))
+        args = self._decode_args(key, mx, stop_mask, eos_ids, temperature, top_p)
+        cache, logits, tokens, logp, lengths = _decode_jit(
+            self.graphdef, self.params, state.cache, state.last_logits_BxV, *args,
+            n_max=n_max, pad_id=self.pad_id)
+        state = state.replace(cache=cache, last_logits_BxV=logits)
+        return state, self._completion(state, tokens, logp, lengths, mx)
+
+    def sample(self, prompts: Sequence[Sequence[int]], key=None, max_new_tokens=32, *,
+               temperature=0.0, top_p=1.0, stop_mask=None, eos_ids=None,
+               reserve: int = 0) -> tuple[SamplerState, Completion]:
+        """Prefill + decode in one compiled call; the returned state can be extended further."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise SamplerError("sample() needs at least one prompt and no empty prompt")
+        b = bucket(len(prompts), self.batch_buckets, "batch size")
+        tokens, valid = self._chunk(prompts, b)
+        mx = self._budgets(max_new_tokens, SamplerState(None, None, num_rows=len(prompts)), b)
+        n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
+        length = bucket(tokens.shape[1] + int(mx.max(initial=0)) + reserve, self.length_buckets,
+                        "KV cache length")
+        state = self._fresh(b, length, len(prompts))
+        args = self._decode_args(key, mx, stop_mask, eos_ids, temperature, top_p)
+        cache, logits, out_tokens, logp, lengths = _prefill_decode_jit(
+            self.graphdef, self.params, state.cache, state.last_logits_BxV, tokens, valid, *args,
+            n_max=n_max, pad_id=self.pad_id)
+        state = state.replace(cache=cache, last_logits_BxV=logits)
+        return state, self._completion(state, out_tokens, logp, lengths, mx)

@@ -1,0 +1,193 @@
+"""The compiled sampler: greedy == naive argmax loop and == transformers' generate, extend == full
+prefill, log-probs == the scoring pass, top-p, stop masks, budgets, cache growth, no recompiles."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from retroact_jax import sampling, scoring
+from retroact_jax.models import convert
+from retroact_jax.models.config import ModelConfig, tiny
+from retroact_jax.models.decoder import Decoder, forward_fn, positions_from_mask
+
+PROMPTS = [[5, 6, 7, 8, 9, 40, 41], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [77]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Decoder(tiny(), rngs=nnx.Rngs(0))
+
+
+def _naive_greedy(model, prompts, n, width=32):
+    """Argmax of full forwards (no cache) over a left-padded batch, one token at a time."""
+    fwd = jax.jit(forward_fn, static_argnums=(0, 6))
+    graphdef, params = nnx.split(model)
+    seqs = [list(p) for p in prompts]
+    for _ in range(n):
+        tok, val = _left_pad(seqs, width)
+        logits, _ = fwd(graphdef, params, tok, positions_from_mask(jnp.asarray(val)), val, None,
+                        True)
+        for s, t in zip(seqs, np.asarray(jnp.argmax(logits, -1))):
+            s.append(int(t))
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def _left_pad(seqs, width=None):
+    t = width or max(map(len, seqs))
+    tok = np.zeros((len(seqs), t), np.int32)
+    val = np.zeros((len(seqs), t), bool)
+    for i, s in enumerate(seqs):
+        tok[i, t - len(s):], val[i, t - len(s):] = s, True
+    return tok, val
+
+
+def test_greedy_equals_naive_argmax_loop_and_logp_is_temperature_1(model):
+    sampler = sampling.Sampler(model, eos_ids=())
+    _, out = sampler.sample(PROMPTS, max_new_tokens=10)
+    assert out.tokens_BxN.shape == (4, 10) and out.lengths_B.tolist() == [10] * 4
+    assert out.tokens_BxN.tolist() == _naive_greedy(model, PROMPTS, 10)
+    tok, val = _left_pad([p + list(o) for p, o in zip(PROMPTS, out.tokens_BxN)])
+    ref = scoring.Scorer(model)(tok, val)[:, -10:]
+    np.testing.assert_allclose(out.logp_BxN, ref, atol=1e-4)
+
+
+def test_sampled_logp_equals_scoring_at_temperature_1(model):
+    sampler = sampling.Sampler(model, eos_ids=())
+    _, out = sampler.sample(PROMPTS, jax.random.key(7), max_new_tokens=16, temperature=1.0)
+    assert len({tuple(r) for r in out.tokens_BxN}) == 4           # it does sample
+    tok, val = _left_pad([p + list(o) for p, o in zip(PROMPTS, out.tokens_BxN)])
+    ref = scoring.Scorer(model)(tok, val)[:, -16:]
+    assert np.abs(out.logp_BxN - ref).max() <= 1e-4
+    # a different key gives different samples; the same key the same ones
+    _, again = sampler.sample(PROMPTS, jax.random.key(7), max_new_tokens=16, temperature=1.0)
+    _, other = sampler.sample(PROMPTS, jax.random.key(8), max_new_tokens=16, temperature=1.0)
+    assert (again.tokens_BxN == out.tokens_BxN).all()
+    assert (other.tokens_BxN != out.tokens_BxN).any()
+
+
+def test_top_p_to_zero_is_greedy_and_top_p_logp_is_renormalised(model):
+    sampler = sampling.Sampler(model, eos_ids=())
+    _, greedy = sampler.sample(PROMPTS, max_new_tokens=8)
+    _, nucleus = sampler.sample(PROMPTS, jax.random.key(3), max_new_tokens=8, temperature=0.7,
+                                top_p=1e-6)
+    assert (nucleus.tokens_BxN == greedy.tokens_BxN).all()
+    np.testing.assert_allclose(nucleus.logp_BxN, 0.0, atol=1e-6)   # the nucleus is one token
+    # the nucleus mask against a numpy reference
+    logits = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 2
+    got = np.asarray(sampling._nucleus(jnp.asarray(logits), jnp.float32(0.8)))
+    for row, g in zip(logits, got):
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        order = np.argsort(-p)
+        k = np.searchsorted(np.cumsum(p[order]), 0.8) + 1
+        assert set(np.nonzero(np.isfinite(g))[0]) == set(order[:k])
+
+
+def test_stop_mask_eos_and_budgets(model):
+    sampler = sampling.Sampler(model, eos_ids=())
+    _, free = sampler.sample(PROMPTS, max_new_tokens=12)
+    row0 = free.tokens_BxN[0].tolist()
+    j = next(j for j in range(2, 12) if row0[j] not in row0[:j])
+    stop_tok = row0[j]                              # row 0 will stop at its (j+1)-th token
+    first = [list(r).index(stop_tok) + 1 if stop_tok in r else 12 for r in free.tokens_BxN]
+    stop = np.zeros((512,), bool)
+    stop[stop_tok] = True
+    budgets = [12, 1, 12, 0]
+    _, out = sampler.sample(PROMPTS, max_new_tokens=budgets, stop_mask=stop)
+    want = [min(f, b) for f, b in zip(first, budgets)]
+    assert want[0] == j + 1 and out.lengths_B.tolist() == want
+    for i, n in enumerate(want):
+        assert out.tokens_BxN[i, :n].tolist() == free.tokens_BxN[i, :n].tolist()
+        assert (out.tokens_BxN[i, n:] == 0).all() and (out.logp_BxN[i, n:] == 0).all()
+    # the same token as an eos id
+    _, eos = sampler.sample(PROMPTS, max_new_tokens=budgets, eos_ids=[stop_tok])
+    assert eos.lengths_B.tolist() == want
+
+    vocab = {i: ("a\nb" if i == 7 else "x" if i % 2 else "Obs") for i in range(20)}
+    mask = sampling.stop_token_mask(vocab.__getitem__, 20, ["\n", "Ob"])
+    assert np.nonzero(mask)[0].tolist() == [0, 2, 4, 6, 7, 8, 10, 12, 14, 16, 18]
+    with pytest.raises(sampling.SamplerError):
+        sampling.stop_token_mask(vocab.__getitem__, 20, [""])
+
+
+def test_extend_then_decode_equals_decode_from_full_prefill(model):
+    sampler = sampling.Sampler(model, eos_ids=(), length_buckets=(64, 128, 256))
+    obs = [[100, 101, 102], [200], [], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
+    state = sampler.start(PROMPTS)
+    assert state.cache.length == 64
+    histories = [list(p) for p in PROMPTS]
+    for step in range(3):
+        state, out = sampler.generate(state, max_new_tokens=[5, 9, 2, 6])
+        for h, o, n in zip(histories, out.tokens_BxN, out.lengths_B):
+            h.extend(o[:n].tolist())
+        state = sampler.extend(state, obs)
+        for h, o in zip(histories, obs):
+            h.extend(o)
+    assert state.cache.length == 128                   # grew past 64 slots by copying
+    state, out = sampler.generate(state, max_new_tokens=6)
+    fresh, ref = sampler.sample(histories, max_new_tokens=6)
+    assert (out.tokens_BxN == ref.tokens_BxN).all()
+    np.testing.assert_allclose(out.logp_BxN, ref.logp_BxN, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(state.last_logits_BxV)[:4],
+                               np.asarray(fresh.last_logits_BxV)[:4], atol=1e-4)
+    with pytest.raises(sampling.SamplerError, match="KV cache length"):
+        sampler.extend(state, [[1] * 250] * 4)
+
+
+def test_no_recompile_within_buckets(model):
+    sampler = sampling.Sampler(model, eos_ids=())
+    sampler.sample(PROMPTS, max_new_tokens=10)
+    state = sampler.start(PROMPTS[:3], reserve=100)
+    state, _ = sampler.generate(state, max_new_tokens=10)
+    state = sampler.extend(state, [[1, 2], [3], [4, 5, 6]])
+    before = dict(sampling.TRACE_COUNTS)
+    # other prompts, batch 3 (same bucket of 4), other budgets <= 16, other temperature / top-p
+    sampler.sample([[9] * 9, [8], [7] * 16], jax.random.key(1), max_new_tokens=[3, 16, 9],
+                   temperature=0.8, top_p=0.9)
+    state, _ = sampler.generate(state, jax.random.key(2), max_new_tokens=[12, 1, 5],
+                                temperature=1.3)
+    state = sampler.extend(state, [[7], [], [8, 8, 8, 8, 8]])
+    state, _ = sampler.generate(state, max_new_tokens=3)
+    sampler.set_params(jax.tree.map(lambda x: x * 1.0, sampler.params))
+    state, _ = sampler.generate(state, max_new_tokens=3)
+    assert dict(sampling.TRACE_COUNTS) == before
+
+
+def test_sampler_rejects_bad_input(model):
+    sampler = sampling.Sampler(model)
+    with pytest.raises(sampling.SamplerError, match="empty"):
+        sampler.sample([[1, 2], []])
+    with pytest.raises(sampling.SamplerError, match="outside"):
+        sampler.sample([[1, 9999]])
+    with pytest.raises(sampling.SamplerError, match="top_p"):
+        sampler.sample([[1, 2]], top_p=0.0)
+    state = sampler.start([[1, 2]])
+    with pytest.raises(sampling.SamplerError, match="rows"):
+        sampler.extend(state, [[1], [2]])
+
+
+def test_greedy_equals_transformers_generate():
+    torch.manual_seed(0)
+    hc = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, initializer_range=0.2,
+        max_position_embeddings=256, tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    hf = transformers.LlamaForCausalLM(hc).eval()
+    cfg = ModelConfig.from_hf(hc.to_dict())
+    sampler = sampling.Sampler(convert.load_model(cfg, hf.state_dict()), eos_ids=())
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, n).tolist() for n in (13, 5, 21, 9)]
+    _, out = sampler.sample(prompts, max_new_tokens=32)
+    tok, val = _left_pad(prompts)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(tok, dtype=torch.long),
+                          attention_mask=torch.tensor(val.astype(np.int64)), do_sample=False,
+                          max_new_tokens=32, min_new_tokens=32, pad_token_id=0,
+                          eos_token_id=None)
+    ref = ref[:, tok.shape[1]:].numpy()
+    assert len({tuple(r) for r in ref}) == 4 and len(set(ref[0])) > 3   # not degenerate
+    assert (out.tokens_BxN == ref).all()
