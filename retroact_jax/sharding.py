@@ -71,10 +71,13 @@ def make_mesh(axes: Mapping[str, int] | None = None,
 
 
 def path_str(path: Sequence[Any]) -> str:
+    """'.'-joined key path; the trailing ``.value`` of an NNX Variable leaf is dropped."""
     parts = []
     for k in path:
         k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
         parts.append(str(k))
+    if len(parts) > 1 and parts[-1] == "value":
+        parts.pop()
     return ".".join(parts)
 
 

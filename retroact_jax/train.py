@@ -1,0 +1,259 @@
+"""The jitted joint train step: planner and reflector (or one shared model) updated in one step.
+
+A step's batch has ``rows = (Bp, Br)`` rows: planner rows first, then reflector rows (``collate_step``
+builds it; a role's filler rows are all-invalid). Each role's rows go through that role's model; in the
+single-agent setting both roles are one model with shared parameters and all rows go through it in one
+forward. The log-probs of all rows are then put together and ``losses.joint_loss`` computes
+planner RL + reflector RL + lambda * IL, so the gradient of each part reaches its own parameters only.
+
+Trainable parameters are the LoRA adapters when the model has any (``nnx.LoRAParam``), else every
+``nnx.Param`` (full fine-tuning). The rest (frozen base, RNG state of LoRA dropout) is split off once;
+the RNG state is carried in the train state so dropout masks differ per step and a resumed run
+continues the same stream. The step is one ``jax.jit`` with the train state donated and, given a mesh,
+explicit ``in_shardings`` / ``out_shardings`` from the partition rules (``sharding.py``).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from retroact_jax import batching, losses, optim, sharding
+
+ROLES = ("planner", "reflector")
+TRACES: collections.Counter = collections.Counter()   # times each step function was traced
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def has_lora(model: nnx.Module) -> bool:
+    return len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) > 0
+
+
+def trainable_filter(model: nnx.Module):
+    return nnx.LoRAParam if has_lora(model) else nnx.Param
+
+
+# ------------------------------------------------------------------------------------------- batches
+def _filler(B: int, T: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows that are all padding: they contribute nothing to any loss or metric."""
+    z = lambda dt: np.zeros((B, T), dt)  # noqa: E731
+    return dict(tokens_BxT=np.full((B, T), pad_id, np.int32), positions_BxT=z(np.int32),
+                valid_BxT=z(bool), kinds_BxT=np.full((B, T), batching.KIND_PAD, np.int8),
+                loss_mask_BxT=z(bool), reward_BxT=z(np.float32), behaviour_logp_BxT=z(np.float32),
+                behaviour_mask_BxT=z(bool), role_B=np.zeros(B, np.int32),
+                objective_B=np.full(B, losses.OBJECTIVE_IL, np.int32), reward_B=np.zeros(B, np.float32),
+                lengths_B=np.zeros(B, np.int32))
+
+
+def _pad_to(arrays: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.ndarray]:
+    out = {}
+    for k, a in arrays.items():
+        if not k.endswith("_BxT") or a.shape[1] == T:
+            out[k] = a
+            continue
+        fill = {"tokens_BxT": pad_id, "kinds_BxT": batching.KIND_PAD}.get(k, 0)
+        out[k] = np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=fill)   # right padding
+    return out
+
+
+def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows: Mapping[str, int],
+                 buckets: Sequence[int], pad_id: int, **collate_kwargs) -> tuple[dict[str, np.ndarray], dict]:
+    """One step's arrays: ``rows[role]`` rows per role (planner first), one common length bucket.
+
+    Returns the arrays and host-side counts (real rows, truncated rows per role).
+    """
+    parts, stats, T = {}, {}, 0
+    for role in ROLES:
+        B = int(rows.get(role, 0))
+        got = list(samples.get(role, ()))
+        if len(got) > B:
+            raise TrainError(f"{len(got)} {role} samples for a step of {B} {role} rows")
+        if any(s.sample.role != role for s in got):
+            raise TrainError(f"a sample in the {role} part of a step has another role")
+        if B == 0:
+            continue
+        if got:
+            b = batching.collate(got, buckets, pad_id, batch_size=B, **collate_kwargs)
+            parts[role] = b.arrays()
+            stats[role] = {"rows": b.n_rows, "truncated": b.n_truncated, "untrained": b.n_rows_untrained}
+        else:
+            parts[role] = None
+            stats[role] = {"rows": 0, "truncated": 0, "untrained": 0}
+        T = max(T, parts[role]["tokens_BxT"].shape[1] if parts[role] is not None else 0)
+    if not parts:
+        raise TrainError("a step needs rows for at least one role")
+    T = T or min(buckets)
+    for role, arr in parts.items():
+        B = int(rows[role])
+        parts[role] = _filler(B, T, pad_id) if arr is None else _pad_to(arr, T, pad_id)
+        if arr is None:
+            parts[role]["role_B"][:] = batching.ROLES[role]
+    keys = parts[next(iter(parts))].keys()
+    return {k: np.concatenate([parts[r][k] for r in ROLES if r in parts]) for k in keys}, stats
+
+
+# --------------------------------------------------------------------------------------------- learner
+@dataclasses.dataclass
+class _Part:
+    graphdef: Any
+    frozen: Any
+
+
+class Learner:
+    """Owns the trainable state of the roles' models and the jitted joint step.
+
+    ``models``: {"planner": Decoder, "reflector": Decoder}; pass the same object for both roles for the
+    single-agent setting (shared parameters), or omit a role that is not trained (e.g. SFT+RL trains
+    the planner only). ``rows``: rows per role in each step's batch.
+    """
+
+    def __init__(self, models: Mapping[str, nnx.Module], *, optimizer: Any,
+                 loss: losses.LossConfig = losses.LossConfig(), rows: Mapping[str, int],
+                 mesh: Mesh | None = None, rules=sharding.DECODER_RULES):
+        unknown = set(models) - set(ROLES)
+        if unknown or not models:
+            raise TrainError(f"models must map roles {ROLES} to models, got {sorted(models)}")
+        self.rows = {r: int(rows.get(r, 0)) for r in ROLES}
+        for r in ROLES:
+            if (r in models) != (self.rows[r] > 0):
+                raise TrainError(f"role {r}: a model {'is' if r in models else 'is not'} given but "
+                                 f"rows[{r!r}] = {self.rows[r]}")
+        self.models = dict(models)
+        # one parameter set per distinct model object: "shared" in the single-agent setting
+        shared = len(models) == 2 and models["planner"] is models["reflector"]
+        self.role_name: dict[str, str] = {r: ("shared" if shared else r) for r in ROLES if r in models}
+        self.names = tuple(dict.fromkeys(self.role_name.values()))
+        self.loss_cfg = loss
+        self.mesh = mesh
+        self.tx = optim.make_optimizer(optimizer)
+        self._parts: dict[str, _Part] = {}
+        params, rngs = {}, {}
+        for name in self.names:
+            model = next(models[r] for r in ROLES if self.role_name.get(r) == name)
+            model.train()
+            graphdef, p, rng, frozen = nnx.split(model, trainable_filter(model), nnx.RngState, ...)
+            self._parts[name] = _Part(graphdef, frozen)
+            params[name], rngs[name] = p, rng
+        opt = {n: self.tx.init(params[n]) for n in self.names}
+        self.state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "rngs": rngs}
+        frozen = {n: self._parts[n].frozen for n in self.names}
+        if mesh is not None:
+            st_sh = sharding.tree_shardings(self.state, mesh, rules)
+            fr_sh = sharding.tree_shardings(frozen, mesh, rules)
+            self.state = jax.device_put(self.state, st_sh)
+            frozen = jax.device_put(frozen, fr_sh)
+            self._batch_sh = {"2": sharding.batch_sharding(mesh, 2), "1": sharding.batch_sharding(mesh, 1)}
+            self._jit = jax.jit(self._step_fn, donate_argnums=(0,),
+                                in_shardings=(st_sh, fr_sh, None), out_shardings=(st_sh, None))
+        else:
+            self._batch_sh = None
+            self._jit = jax.jit(self._step_fn, donate_argnums=(0,))
+        self._frozen = frozen
+
+    # -- the pure step ------------------------------------------------------------------------------
+    def _logp(self, params, rngs, frozen, batch):
+        """Per-token log-probs and entropies of every row under its role's model."""
+        logps, ents, new_rngs = [], [], {}
+        start = 0
+        spans = []
+        for r in ROLES:
+            if self.rows[r]:
+                spans.append((r, start, start + self.rows[r]))
+                start += self.rows[r]
+        for name in self.names:
+            part = self._parts[name]
+            model = nnx.merge(part.graphdef, params[name], rngs[name], frozen[name])
+            mine = [(r, a, b) for r, a, b in spans if self.role_name[r] == name]
+            # rows of one model are contiguous (planner then reflector), so one forward per model
+            a, b = mine[0][1], mine[-1][2]
+            sl = lambda x: x[a:b]  # noqa: E731
+            logits, _ = model(sl(batch["tokens_BxT"]), sl(batch["positions_BxT"]), sl(batch["valid_BxT"]))
+            lp, ent = losses.token_logprobs_and_entropy(logits, sl(batch["tokens_BxT"]))
+            logps.append((a, lp))
+            ents.append((a, ent))
+            new_rngs[name] = nnx.state(model, nnx.RngState)
+        order = lambda xs: jnp.concatenate([x for _, x in sorted(xs, key=lambda t: t[0])], axis=0)  # noqa: E731
+        return order(logps), order(ents), new_rngs
+
+    def _step_fn(self, state, frozen, batch):
+        TRACES["train_step"] += 1
+
+        def loss_fn(params):
+            logp, ent, new_rngs = self._logp(params, state["rngs"], frozen, batch)
+            loss, metrics = losses.joint_loss(logp, ent, batch, self.loss_cfg)
+            return loss, (metrics, new_rngs)
+
+        grads, (metrics, new_rngs) = jax.grad(loss_fn, has_aux=True)(state["params"])
+        new_params, new_opt = {}, {}
+        for n in self.names:
+            updates, new_opt[n] = self.tx.update(grads[n], state["opt"][n], state["params"][n])
+            new_params[n] = optax.apply_updates(state["params"][n], updates)
+            metrics[f"grad_norm_{n}"] = optax.tree_utils.tree_l2_norm(grads[n])
+            lr = optim.current_lr(new_opt[n])
+            if lr is not None:
+                metrics[f"lr_{n}"] = lr
+        return {"step": state["step"] + 1, "params": new_params, "opt": new_opt, "rngs": new_rngs}, metrics
+
+    # -- host API ---------------------------------------------------------------------------------
+    def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """One update; returns device metrics (fetch them a step later to keep the device busy)."""
+        B = sum(self.rows.values())
+        if batch["tokens_BxT"].shape[0] != B:
+            raise TrainError(f"batch has {batch['tokens_BxT'].shape[0]} rows, the step expects {B} "
+                             f"({self.rows})")
+        arrays = {k: v for k, v in batch.items() if k in _STEP_KEYS}
+        if self._batch_sh is not None:
+            arrays = {k: sharding.to_global(np.asarray(v), self._batch_sh[str(np.ndim(v))])
+                      for k, v in arrays.items()}
+        with _maybe_mesh(self.mesh):
+            self.state, metrics = self._jit(self.state, self._frozen, arrays)
+        return metrics
+
+    def sync_models(self) -> None:
+        """Write the trained parameters back into the NNX models (for sampling, scoring, export)."""
+        for name in self.names:
+            for r in ROLES:
+                if self.role_name.get(r) == name:
+                    nnx.update(self.models[r], self.state["params"][name], self.state["rngs"][name])
+
+    @property
+    def step_count(self) -> int:
+        return int(self.state["step"])
+
+
+_STEP_KEYS = ("tokens_BxT", "positions_BxT", "valid_BxT", "loss_mask_BxT", "reward_BxT",
+              "behaviour_logp_BxT", "behaviour_mask_BxT", "role_B", "objective_B")
+
+
+class _maybe_mesh:
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self._cm = None
+
+    def __enter__(self):
+        if self.mesh is not None:
+            self._cm = jax.set_mesh(self.mesh)
+            self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+
+
+def check_finite(metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+    """Fetch metrics to the host; a NaN/inf loss stops the run with the step and the parts named."""
+    host = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    bad = [k for k, v in host.items() if not np.isfinite(v) and k.startswith(("loss", "rl", "il"))]
+    if bad:
+        raise TrainError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={host[k]}" for k in bad))
+    return host
