@@ -29,9 +29,13 @@ def test_smollm2_two_tasks_two_trials(env, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
     assert {r["task_index"] for r in recs} == {0, 1}
     for r in recs:
+        # generated spans carry the sampled ids and log-probs; only InterCode's action fallback keeps
+        # a text-only span (the first line of a completion that wrote no "Action n: ")
         gen = [s for s in r["planner"]["spans"] if s["role"] == "generated"]
-        assert gen and all(s["token_ids"] and len(s["logprobs"]) == len(s["token_ids"]) for s in gen)
-        assert all(lp <= 0.0 for s in gen for lp in s["logprobs"])
+        sampled = [s for s in gen if "token_ids" in s]
+        assert sampled and all(len(s["logprobs"]) == len(s["token_ids"]) > 0 for s in sampled)
+        assert all(lp <= 0.0 for s in sampled for lp in s["logprobs"])
+        assert env.startswith("intercode") or len(sampled) == len(gen)
         if r["trial"] == 2:
             first = next(x for x in recs if x["task_index"] == r["task_index"] and x["trial"] == 1)
             assert r["memory"] == [first["reflection"]["text"]]
