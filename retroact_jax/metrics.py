@@ -1,0 +1,168 @@
+"""Training metrics: a JSONL + TensorBoard writer, throughput (tokens/s) and MFU, and metrics
+fetched one step late so the host never blocks the device.
+
+* ``MetricsWriter(dir)`` appends one JSON object per call to ``dir/metrics.jsonl``
+  (``{"step", "split", "time", <name>: value}``) and writes the same scalars to TensorBoard
+  (``dir/tb``, tensorboardX) as ``<split>/<name>``. ``start_step``: a resumed run first drops the
+  JSONL lines of steps after its checkpoint (the killed run may have logged past it), so the file
+  reads as one uninterrupted run.
+* ``flops_per_token``: training FLOPs per token, nanoGPT / PaLM style: ``6 N`` for full fine-tuning
+  (forward 2N, backward 4N) or ``4 N`` with frozen base weights (LoRA: no weight gradients, the
+  activation gradients are still computed), plus attention ``12 L H d_head T`` (QK^T and AV, forward and
+  backward; T = the padded row length, causal masking not subtracted).
+* ``Throughput``: real (trained-row) tokens over wall time between metric fetches, and MFU =
+  achieved FLOP/s / (``peak_flops`` per device x devices). ``peak_flops_per_device`` knows a few
+  accelerators' dense bf16 peaks; elsewhere (CPU) MFU is reported only when a peak is configured.
+* ``Lagged``: holds step n's device metrics and fetches them after step n+1 has been dispatched
+  (nanodo's pattern): the device never waits for the host's logging.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+# dense bf16 peak FLOP/s per device (vendor datasheets); matched against jax's device_kind
+_PEAKS = (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("a800", 312e12), ("l4", 121e12),
+          ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12), ("v6", 918e12))
+
+
+class MetricsError(ValueError):
+    pass
+
+
+def peak_flops_per_device(device: Any = None) -> float | None:
+    """Dense bf16 peak of a known accelerator, else None (CPU peaks depend on the host: configure)."""
+    device = device or jax.devices()[0]
+    kind = str(getattr(device, "device_kind", "")).lower()
+    for name, peak in _PEAKS:
+        if name in kind:
+            return peak
+    return None
+
+
+def flops_per_token(n_params: int, num_layers: int, num_heads: int, head_dim: int, seq_len: int,
+                    frozen_base: bool = False) -> float:
+    """Training FLOPs per token (see the module docstring)."""
+    dense = (4.0 if frozen_base else 6.0) * n_params
+    return dense + 12.0 * num_layers * num_heads * head_dim * seq_len
+
+
+class Throughput:
+    """tokens/s and MFU between ``update`` calls."""
+
+    def __init__(self, peak_flops: float | None = None, n_devices: int = 1,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.peak = float(peak_flops) * n_devices if peak_flops else None
+        self.clock = clock
+        self._t = clock()
+
+    def restart(self) -> None:
+        self._t = self.clock()
+
+    def update(self, tokens: int, flops: float) -> dict[str, float]:
+        now = self.clock()
+        dt, self._t = max(now - self._t, 1e-9), now
+        out = {"tokens_per_s": tokens / dt, "step_time_s": dt}
+        if self.peak:
+            out["mfu"] = flops / dt / self.peak
+        return out
+
+
+class Lagged:
+    """``push(step, device_metrics, host)`` returns the previous push fetched to host floats."""
+
+    def __init__(self, fetch: Callable[[Mapping[str, Any], int], dict[str, float]]):
+        self.fetch = fetch
+        self._pending: tuple[int, Mapping[str, Any], dict] | None = None
+
+    def push(self, step: int, device_metrics: Mapping[str, Any], host: Mapping[str, Any]):
+        prev, self._pending = self._pending, (step, device_metrics, dict(host))
+        return self._resolve(prev)
+
+    def flush(self):
+        prev, self._pending = self._pending, None
+        return self._resolve(prev)
+
+    def _resolve(self, item):
+        if item is None:
+            return None
+        step, dev, host = item
+        out = self.fetch(dev, step)
+        out.update(host)
+        return step, out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.generic, np.ndarray)) and np.ndim(v) == 0:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)          # JSON has no NaN/inf; keep them readable
+    return v
+
+
+class MetricsWriter:
+    def __init__(self, directory: str | os.PathLike, tensorboard: bool = True,
+                 start_step: int | None = None):
+        self.dir = pathlib.Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        if start_step is not None:
+            self._truncate_after(int(start_step))
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.dir / "tb"))
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:     # a line torn by a kill
+                continue
+            if isinstance(rec, dict) and int(rec.get("step", -1)) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
+        rec = {"step": int(step), "split": split, "time": time.time()}
+        for k, v in metrics.items():
+            if k in rec:
+                raise MetricsError(f"metric name {k!r} is reserved")
+            rec[k] = _jsonable(v)
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]

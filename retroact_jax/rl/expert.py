@@ -1,0 +1,150 @@
+"""The project's own imitation data: scripted experts rolled out through the agent loop on the
+TRAIN split of each environment, filtered by the benchmark's evaluator (PAPER.md §2.1).
+
+RetroAct's expert was Mixtral-8x7B with few-shot prompts; no such model runs here, so the expert
+is the gold script of ``agent.gold`` (HotpotQA: search the supporting-fact titles, then answer;
+ALFWorld: state the goal, then play the game's walkthrough; InterCode-SQL: execute the gold query,
+then submit). To give the reflector something to imitate, a seeded fraction of the tasks
+(``reflect_fraction``) fails its first trial on purpose (``gold_planner(fail=True)``); the loop then
+asks the reflector, whose script writes ``gold_reflection`` (the failure named, the gold plan
+given), and the second trial, which sees that reflection in its prompt, plays the gold.
+
+Everything goes through ``agent.rollout.evaluate``, so the rollouts are the agent's exact inference
+format (zero-shot prompts, cues, memory), they are cached as ``<dir>/<env>/trajectories.jsonl`` and
+an interrupted collection resumes where it stopped. Filtering (``passes_evaluator``) keeps trials
+the benchmark's evaluator accepts: HotpotQA exact match (normalised EM), ALFWorld ``won``,
+InterCode reward exactly 1. Samples (``rl.samples``): a planner sample per kept trial, a reflector
+sample per reflection that preceded a kept trial. The selected samples are written to
+``<dir>/<env>/il_samples.jsonl`` with counts in ``<dir>/<env>/summary.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from retroact_jax.batching import Sample
+from retroact_jax.rl import samples as S
+
+TRAIN_SPLITS = {"hotpotqa": "train", "alfworld": "train", "intercode_sql": "train"}
+ENV_BACKENDS = {"alfworld": "processes"}       # TextWorld's parser is not thread-safe
+
+
+class ExpertError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+    num_tasks: int = 100            # tasks per env (a seeded subset of the train split; <= 0: all)
+    reflect_fraction: float = 0.3   # tasks whose first trial fails on purpose (reflector data)
+    trials: int = 2                 # trials per task (a deliberate failure, then the gold)
+    seed: int = 0                   # task subset and which tasks fail first
+    batch_size: int = 8             # tasks in flight
+    env_workers: int = 4            # threads / worker processes stepping the envs
+    progress: bool = True
+
+
+def passes_evaluator(rec: Mapping[str, Any]) -> bool:
+    """The benchmark's evaluator on a trial record (PAPER.md §2.1, Table 5)."""
+    env = rec.get("env")
+    steps = rec.get("steps") or []
+    info = steps[-1].get("info", {}) if steps else {}
+    if env == "hotpotqa":
+        return bool(info.get("em", rec.get("success")))
+    if env == "alfworld":
+        return bool(info.get("won", rec.get("success")))
+    if env in ("intercode_sql", "intercode_bash"):
+        return float(rec.get("score", 0.0)) == 1.0
+    return bool(rec.get("success"))
+
+
+def select_tasks(n_all: int, num_tasks: int, seed: int) -> list[int]:
+    """A seeded subset of task indices, sorted (train splits are ordered by type or source)."""
+    if num_tasks <= 0 or num_tasks >= n_all:
+        return list(range(n_all))
+    perm = np.random.default_rng([int(seed), 7]).permutation(n_all)
+    return sorted(int(i) for i in perm[:num_tasks])
+
+
+def fails_first(index: int, fraction: float, seed: int) -> bool:
+    return bool(np.random.default_rng([int(seed), int(index), 11]).random() < fraction)
+
+
+def expert_policy(tasks: Mapping[int, Any], fail_first: Mapping[int, bool]):
+    """The gold script; tasks marked in ``fail_first`` fail trial 1 on purpose and reflect."""
+    from retroact_jax.agent import gold
+    from retroact_jax.agent.policy import ScriptedPolicy
+
+    def script(call):
+        index, trial, role = call.key
+        task = tasks[index]
+        if role == "reflector":
+            return gold.gold_reflection(task)
+        return gold.gold_planner(task, call.prompt, fail=trial == 1 and fail_first[index])
+    return ScriptedPolicy(script)
+
+
+def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = ExpertConfig(),
+            split: str | None = None, task_indices: Sequence[int] | None = None) -> list[dict]:
+    """Roll the expert out (or resume / reuse the cache); returns all trial records of the tasks."""
+    import envs
+    from retroact_jax import evaluation
+    from retroact_jax.agent import loop, rollout
+    split = split or TRAIN_SPLITS.get(env_name)
+    if split is None:
+        raise ExpertError(f"no expert train split for env {env_name!r}; known: {sorted(TRAIN_SPLITS)}")
+    if cfg.trials < 1 or not 0.0 <= cfg.reflect_fraction <= 1.0:
+        raise ExpertError(f"expert trials must be >= 1 and reflect_fraction in [0, 1]: {cfg}")
+    if cfg.reflect_fraction > 0 and cfg.trials < 2:
+        raise ExpertError("reflect_fraction > 0 needs trials >= 2 (a failure, then the gold)")
+    probe = envs.make(env_name, split)
+    try:
+        n_all = len(probe.tasks)
+        indices = list(task_indices) if task_indices is not None else select_tasks(n_all, cfg.num_tasks, cfg.seed)
+        tasks = {i: probe.task_at(i) for i in indices}
+    finally:
+        probe.close()
+    fail = {i: fails_first(i, cfg.reflect_fraction, cfg.seed) for i in indices}
+    pol = expert_policy(tasks, fail)
+    run_dir = pathlib.Path(out_dir) / env_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    agent_cfg = loop.AgentConfig(trials=cfg.trials, batch_size=cfg.batch_size, env_workers=cfg.env_workers)
+    rollout.evaluate(env_name, split, indices, pol, pol, agent_cfg, run_dir,
+                     env_backend=ENV_BACKENDS.get(env_name, "threads"), show_progress=cfg.progress)
+    recs = evaluation.TrajectoryLog(run_dir / "trajectories.jsonl").load()
+    wanted = {tasks[i].id for i in indices}
+    return [r for r in recs if r["task_id"] in wanted]
+
+
+def il_samples(records: Sequence[Mapping[str, Any]]) -> tuple[list[Sample], list[Sample], dict]:
+    """(planner samples, reflector samples, counts) of evaluator-accepted trials (PAPER.md §2.1)."""
+    planner = S.planner_samples(records, "il", keep=passes_evaluator)
+    reflector = S.reflector_samples(records, "il", keep=lambda prev, nxt: passes_evaluator(nxt))
+    tasks = {S.task_key(r) for r in records}
+    solved = {S.task_key(r) for r in records if passes_evaluator(r)}
+    counts = {"tasks": len(tasks), "tasks_solved": len(solved), "trials": len(records),
+              "trials_kept": len(planner), "reflections": sum(bool(r.get("reflection")) for r in records),
+              "reflector_kept": len(reflector),
+              "success_but_rejected": sum(bool(r.get("success")) and not passes_evaluator(r) for r in records)}
+    return planner, reflector, counts
+
+
+def expert_il_data(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = ExpertConfig(),
+                   **kw) -> tuple[list[Sample], list[Sample], dict]:
+    """collect -> filter -> samples; writes ``il_samples.jsonl`` and ``summary.json`` beside the
+    trajectories. A repeated call reads the cached rollouts (no env step is repeated)."""
+    recs = collect(env_name, out_dir, cfg, **kw)
+    planner, reflector, counts = il_samples(recs)
+    d = pathlib.Path(out_dir) / env_name
+    tmp = d / "il_samples.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for s in planner + reflector:
+            f.write(json.dumps(S.sample_to_json(s)) + "\n")
+    tmp.replace(d / "il_samples.jsonl")
+    (d / "summary.json").write_text(json.dumps({"env": env_name, **counts,
+                                                "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
+    return planner, reflector, counts
