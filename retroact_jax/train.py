@@ -172,7 +172,10 @@ class Learner:
                 start += self.rows[r]
         for name in self.names:
             part = self._parts[name]
-            model = nnx.merge(part.graphdef, params[name], rngs[name], frozen[name])
+            # fresh RNG Variables in this trace (the State's own Variables belong to the outer
+            # trace: LoRA dropout advancing their count would raise TraceContextError)
+            model = nnx.merge(part.graphdef, params[name], jax.tree.map(lambda x: x, rngs[name]),
+                              frozen[name])
             mine = [(r, a, b) for r, a, b in spans if self.role_name[r] == name]
             # rows of one model are contiguous (planner then reflector), so one forward per model
             a, b = mine[0][1], mine[-1][2]
