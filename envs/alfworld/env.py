@@ -63,6 +63,7 @@ class ALFWorldEnv(Env):
         self.end_on_repeat = bool(end_on_repeat)
         self._tasks: tuple[Task, ...] | None = None
         self._game = None             # the TextWorld gym env of the current episode
+        self._gamefile = ""           # ... and the game it plays
         self._admissible: frozenset[str] = frozenset()
         self._last_action = ""
         self._won = False
@@ -87,9 +88,15 @@ class ALFWorldEnv(Env):
         gamefile = str(task.data.get("gamefile", ""))
         if not pathlib.Path(gamefile).is_file():
             raise EnvError(f"alfworld: game file of task {task.id} not found: {gamefile!r}")
-        self._close_game()
-        self._game = _gym_env(gamefile)
-        intro, info = self._game.reset()
+        if self._game is not None and self._gamefile == gamefile:
+            # The same game again (the next trial): restart it without reloading it. TextWorld's
+            # own ``reset`` would close, load (parse + translate the PDDL) and reset: ~40% more.
+            intros, infos = self._game.batch_env.reset()
+            intro, info = intros[0], {k: v[0] for k, v in infos.items()}
+        else:
+            self._close_game()
+            self._game, self._gamefile = _gym_env(gamefile), gamefile
+            intro, info = self._game.reset()
         self._admissible = frozenset(info["admissible_commands"])
         self._won, self._last_action = bool(info["won"]), ""
         return actions.initial_observation(intro)
@@ -117,7 +124,7 @@ class ALFWorldEnv(Env):
 
     def _close_game(self) -> None:
         if self._game is not None:
-            game, self._game = self._game, None
+            game, self._game, self._gamefile = self._game, None, ""
             game.close()
 
     def close(self) -> None:
