@@ -14,6 +14,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-host: host:port of process 0 (jax.distributed.initialize); "
+    "unset on a single host")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/retroact_jax/xla",
+    "persistent XLA compilation cache directory ('' = off): later runs skip recompiling")
 
 METHODS = ("retroact", "reflexion", "react")
 POLICIES = ("lm", "scripted-gold")
@@ -122,12 +130,32 @@ def stage_eval(c) -> None:
 STAGES = {"eval": stage_eval}
 
 
+def _init_jax() -> None:
+    """Multi-host start (when the flags say so) and the persistent compilation cache."""
+    import os
+
+    import jax
+    if _COORDINATOR.value:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+        logging.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(),
+                     jax.process_count(), jax.device_count())
+    if _COMPILE_CACHE.value:
+        path = os.path.expanduser(_COMPILE_CACHE.value)
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     c = _CONFIG.value
     if c is None:
         raise app.UsageError("--config=experiments/configs/<name>.py is required")
+    _init_jax()
     stages = [s.strip() for s in str(c.stages).split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
