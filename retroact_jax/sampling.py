@@ -183,7 +183,7 @@ _decode_jit = jax.jit(_decode, static_argnums=0, static_argnames=("n_max", "pad_
                       donate_argnums=(2, 3))
 _prefill_decode_jit = jax.jit(_prefill_decode, static_argnums=0,
                               static_argnames=("n_max", "pad_id"), donate_argnums=(2, 3))
-_grow_jit = jax.jit(_grow, static_argnums=1, donate_argnums=0)
+_grow_jit = jax.jit(_grow, static_argnums=1)   # new shapes: donation would not help
 
 
 # ------------------------------------------------------------------------------------ host side

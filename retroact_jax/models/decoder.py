@@ -184,6 +184,19 @@ def positions_after(cache: KVCache, valid_BxT):
 
 
 # ------------------------------------------------------------------------------------------ model
+def _attend_one(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS):
+    """Attention of one query per row as broadcast-multiply + reductions over the cache in its
+    own [B, S, K, H] layout. A ``dot_general`` here makes XLA:CPU transpose the whole cache to
+    [B, K, S, H] first (batch dims major) at every decode step: 4x slower at batch 32."""
+    q = q_Bx1xKxGxH[:, 0][:, None, :, :, :]                                  # [B, 1, K, G, H]
+    s = jnp.sum((k_BxSxKxH[:, :, :, None, :] * q).astype(jnp.float32), axis=-1)   # [B, S, K, G]
+    s = jnp.where(mask_Bx1xS[:, 0][:, :, None, None], s, _NEG)
+    p = jax.nn.softmax(s, axis=1).astype(v_BxSxKxH.dtype)
+    o = jnp.sum(p[..., None] * v_BxSxKxH[:, :, :, None, :], axis=1)          # [B, K, G, H]
+    b, k, g, h = o.shape
+    return o.reshape(b, 1, k * g * h)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, nq, nk = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -207,6 +220,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (zero, end, zero, zero))
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, end, zero, zero))
         q = q.reshape(b, t, nk, g, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+        if t == 1:
+            return self.o_proj(_attend_one(q, k, v, mask_BxTxS)), (k, v)
         s = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
         s = jnp.where(mask_BxTxS[:, None, None, :, :], s, _NEG)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
