@@ -59,6 +59,7 @@ def test_multi_agent_lora_run_lowers_heldout_loss_and_exports(tmp_path):
     before = il_stage.trained_params(wd)
     again = il_stage.run_il(c, wd)
     assert again["resumed_from"] == s["steps"]
+    assert again["eval"] == pytest.approx(s["eval"]) and len(_eval(wd)) == len(ev)   # no new eval line
     after = il_stage.trained_params(wd)
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
@@ -180,7 +181,7 @@ def test_il_on_released_alfworld_lowers_smollm2_heldout_loss(tmp_path):
     c = il_stage.default_config()
     c.update_from_flattened_dict({
         "model.planner": "embedded", "data.released": "alfworld_il", "data.roles": "planner",
-        "data.max_tokens": 256, "data.long_rows": "truncate", "data.eval_rows": 6,
+        "data.max_tokens": 256, "data.long_rows": "truncate", "data.eval_rows": 4,
         "data.max_rows_per_role": 16, "train.buckets": "256", "train.rows_planner": 2,
         "train.epochs": 1, "train.max_steps": 8, "train.eval_every": 8, "train.checkpoint_every": 0,
         "train.progress": False, "train.tensorboard": False, "export.enabled": False,
@@ -188,5 +189,5 @@ def test_il_on_released_alfworld_lowers_smollm2_heldout_loss(tmp_path):
     s = il_stage.run_il(c, tmp_path / "smol")
     ev = _eval(tmp_path / "smol")
     before, after = ev[0]["loss_planner"], ev[-1]["loss_planner"]
-    assert ev[0]["tokens_planner"] > 300 and s["steps"] == 8
+    assert ev[0]["tokens_planner"] > 100 and s["steps"] == 8
     assert after < before - 0.05, (before, after)

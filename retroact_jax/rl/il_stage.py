@@ -38,11 +38,10 @@ import math
 import pathlib
 from typing import Any, Mapping
 
-import jax
 import ml_collections as mlc
 import numpy as np
 
-from retroact_jax import batching, losses, metrics as metrics_lib, optim, stages, train
+from retroact_jax import batching, losses, metrics as metrics_lib, stages, train
 from retroact_jax.rl import expert as expert_lib
 from retroact_jax.rl import samples as samples_lib
 
@@ -280,7 +279,12 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
         if meta.get("config") != cfg_json:
             log.warning("resuming %s with a config that differs from the checkpoint's", workdir)
         for r in roles:
-            iters[r].pos = tuple(meta["positions"][r])
+            pos = tuple(int(x) for x in meta.get("positions", {}).get(r, (-1, -1)))
+            if not (0 <= pos[1] < iters[r].per_epoch and pos[0] >= 0):
+                raise stages.StageError(
+                    f"checkpoint step {learner.step_count}: {r} data position {pos} does not fit this "
+                    f"run's {iters[r].per_epoch} batches per epoch (the data changed): use a new workdir")
+            iters[r].pos = pos
     start = learner.step_count
     # a fresh run drops any log of an earlier attempt; a resumed one what came after its checkpoint
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=bool(c.train.tensorboard),
@@ -347,8 +351,12 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
         log_train(lag.flush())
         if start < total or ckpts.latest_step != total:
             save()
-        if eval_every > 0 and (start < total or last_eval is None):
+        if eval_every > 0 and start < total:
             evaluate(total)
+        elif last_eval is None:          # a finished run restarted: its last held-out figures
+            ev = [r for r in metrics_lib.read_jsonl(writer.path) if r.get("split") == "eval"]
+            last_eval = ({k: v for k, v in ev[-1].items() if k not in ("step", "split", "time")}
+                         if ev else None)
         exported = {}
         if c.export.enabled:
             exported = stages.export(learner, workdir / "export", mcfg, tok, lcfg,
