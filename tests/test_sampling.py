@@ -191,3 +191,33 @@ def test_greedy_equals_transformers_generate():
     ref = ref[:, tok.shape[1]:].numpy()
     assert len({tuple(r) for r in ref}) == 4 and len(set(ref[0])) > 3   # not degenerate
     assert (out.tokens_BxN == ref).all()
+
+
+@pytest.mark.real_weights
+def test_smollm2_greedy_equals_transformers_generate():
+    """The embedded SmolLM2-135M-Instruct: batch of 4 left-padded prompts, 32 greedy tokens."""
+    from retroact_jax.models import embedded, gguf
+    cfg, tensors = embedded.load_weights()
+    tok = embedded.load_tokenizer()
+    weights_dir = gguf.cache_dir_for(embedded.gguf_path()) / "weights"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32).eval()
+    texts = ["The capital of France is",
+             "Thought: I need to search Colorado orogeny and find the area that the eastern "
+             "sector extends into.\nAction:",
+             "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+             "def fibonacci(n):"]
+    prompts = [tok.encode(t) for t in texts]
+    assert len(set(map(len, prompts))) == 4
+    sampler = sampling.Sampler(convert.load_model(cfg, tensors), pad_id=tok.pad_id, eos_ids=())
+    _, out = sampler.sample(prompts, max_new_tokens=32)
+    ids, val = _left_pad(prompts)
+    ids[~val] = tok.pad_id
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                          attention_mask=torch.tensor(val.astype(np.int64)), do_sample=False,
+                          max_new_tokens=32, min_new_tokens=32, pad_token_id=tok.pad_id,
+                          eos_token_id=None)
+    ref = ref[:, ids.shape[1]:].numpy()
+    for i in range(4):
+        assert out.tokens_BxN[i].tolist() == ref[i].tolist(), (texts[i], tok.decode(ref[i]),
+                                                               tok.decode(out.tokens_BxN[i]))
