@@ -196,7 +196,51 @@ class Ours:
                 out[f"{k}_s"] = _median(ts)
                 out[f"{k}_compile_s"] = round(first - statistics.median(ts), 2)
                 log(f"  profile ours {k}: {out[f'{k}_s']} s")
+        out["trace"] = self.trace(arrays)
         return out
+
+    def trace(self, arrays, top: int = 12) -> dict:
+        """One step under ``jax.profiler``: thunk time by category (summed over XLA's threads)."""
+        import collections
+        import glob
+        import gzip
+        import jax
+        with tempfile.TemporaryDirectory() as d:
+            jax.profiler.start_trace(d)
+            t = time.perf_counter()
+            self.step(arrays)
+            wall = time.perf_counter() - t
+            jax.profiler.stop_trace()
+            files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+            if not files:
+                return {"error": "jax.profiler wrote no trace"}
+            with gzip.open(files[0]) as f:
+                events = json.load(f)["traceEvents"]
+        ops = collections.Counter()
+        for e in events:
+            name = e.get("name", "")
+            if e.get("ph") == "X" and not name.startswith(("$", "ThunkExecutor", "Pjit", "Common",
+                                                            "np.", "Parse")):
+                ops[name] += e.get("dur", 0) / 1e6
+        cats = collections.Counter()
+        for name, s in ops.items():
+            cats[_op_category(name)] += s
+        return {"step_wall_s": round(wall, 3), "thunk_s_by_category": {k: round(v, 3) for k, v in
+                                                                       cats.most_common()},
+                "top_ops_s": {k: round(v, 3) for k, v in ops.most_common(top)}}
+
+
+def _op_category(name: str) -> str:
+    """Coarse kind of an XLA:CPU thunk from its name (fusion names list their fused ops)."""
+    if name.startswith(("dot", "ynn_fusion")) or "onednn" in name or "matmul" in name:
+        return "matmul (dot / ynn_fusion)"
+    if "scatter" in name or "gather" in name:
+        return "gather/scatter"
+    if name.startswith(("copy", "transpose")) or "transpose" in name:
+        return "layout copies (copy*/transpose)"
+    if "reduce" in name or "exponential" in name or "log" in name:
+        return "reductions / softmax"
+    return "other elementwise fusions"
 
 
 class Theirs:
@@ -281,24 +325,33 @@ def run_mode(args, mode: str) -> dict:
     log(f"[{mode}] first steps: ours {first_ours:.2f} s (loss {loss0_ours:.5f}), "
         f"torch {first_theirs:.2f} s (loss {loss0_theirs:.5f})")
     t_ours, t_theirs, losses_ours, losses_theirs = [], [], [], []
+    cpu_ours, cpu_theirs = [], []
+    load_before = os.getloadavg()[0]
     for i in range(args.steps):
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         losses_ours.append(ours.step(arrays))
         t_ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
+        cpu_ours.append(time.process_time() - c)
+        c, t = time.process_time(), time.perf_counter()
         losses_theirs.append(theirs.step(ids))
         t_theirs.append(time.perf_counter() - t)
-        log(f"[{mode}] step {i}: ours {t_ours[-1]:.3f} s, torch {t_theirs[-1]:.3f} s")
+        cpu_theirs.append(time.process_time() - c)
+        log(f"[{mode}] step {i}: ours {t_ours[-1]:.3f} s (cpu {cpu_ours[-1]:.1f}), "
+            f"torch {t_theirs[-1]:.3f} s (cpu {cpu_theirs[-1]:.1f})")
     tokens = args.batch * args.seq
     o = side_figures(t_ours, first_ours, ours.load_s, tokens, ours.n_params, ours.n_trainable,
                      args.threads, mode == "lora")
     th = side_figures(t_theirs, first_theirs, theirs.load_s, tokens, theirs.n_params,
                       theirs.n_trainable, args.threads, mode == "lora")
     th["phases"] = {k: _median(v) for k, v in theirs.phases.items()}
+    # CPU seconds of the process during the step: less sensitive to other processes than wall time
+    # (torch's OpenMP threads spin while waiting, which counts here too)
+    o["cpu_s_median"], th["cpu_s_median"] = _median(cpu_ours), _median(cpu_theirs)
     o["losses"] = [round(loss0_ours, 5)] + [round(x, 5) for x in losses_ours]
     th["losses"] = [round(loss0_theirs, 5)] + [round(x, 5) for x in losses_theirs]
     res = {"ours": o, "torch": th, "ratio_ours_over_torch": round(o["tokens_per_s"] / th["tokens_per_s"], 3),
-           "first_loss_abs_diff": round(abs(loss0_ours - loss0_theirs), 6)}
+           "first_loss_abs_diff": round(abs(loss0_ours - loss0_theirs), 6),
+           "loadavg_1min_timed_steps": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     if args.profile:
         log(f"[{mode}] profiling ours")
         p = ours.profile(arrays, max(2, min(args.steps, 3)))
