@@ -138,7 +138,7 @@ def default_config() -> mlc.ConfigDict:
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.accumulate_steps = 1
     c.eval = mlc.ConfigDict()
-    c.eval.every = 0                  # evaluate after every n-th iteration (0: off)
+    c.eval.every = 0                  # evaluate after every n-th iteration (0: off); agent limits = collect's
     c.eval.split = "test"
     c.eval.num_tasks = 100
     c.eval.trials = 10
@@ -334,6 +334,11 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
         rf = LMPolicy(beh["reflector"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
         return pl, rf
 
+    # step / token limits of the agent (collection and the eval hook alike)
+    limits = dict(max_steps=int(c.collect.max_steps) or None,
+                  planner_max_tokens=int(c.collect.planner_max_tokens) or None,
+                  reflector_max_tokens=int(c.collect.reflector_max_tokens) or None)
+
     def collect(k: int) -> None:
         nonlocal replay_ref
         idx = collect_lib.task_indices(n_train, int(c.collect.tasks_per_iteration), int(c.seed), k)
@@ -341,9 +346,7 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
                                 temperature=float(c.collect.temperature),
                                 reflector_temperature=float(c.collect.reflector_temperature),
                                 seed=_seed(int(c.seed), k, "collect"), env_workers=int(c.collect.env_workers),
-                                max_steps=int(c.collect.max_steps) or None,
-                                planner_max_tokens=int(c.collect.planner_max_tokens) or None,
-                                reflector_max_tokens=int(c.collect.reflector_max_tokens) or None)
+                                **limits)
         pl, rf = policies(True)
         recs, summ = collect_lib.rollout(c.env, c.collect.split, idx, pl, rf, acfg,
                                          workdir / "rollouts" / f"iter-{k:04d}", env_backend=backend,
@@ -403,7 +406,7 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
         acfg = loop.AgentConfig(trials=int(c.eval.trials), batch_size=int(c.eval.batch_size),
                                 temperature=float(c.eval.temperature),
                                 reflector_temperature=float(c.eval.temperature), seed=int(c.seed),
-                                env_workers=int(c.collect.env_workers))
+                                env_workers=int(c.collect.env_workers), **limits)
         pl, rf = policies(False)
         summ = rollout_lib.evaluate(c.env, c.eval.split, list(range(n)), pl, rf, acfg, out,
                                     env_backend=backend, show_progress=bool(c.train.progress))
