@@ -122,6 +122,7 @@ def _config(tmp: pathlib.Path, iterations: int):
     c.collect.score_buckets = "1024,2048"
     c.replay.drop_zero_reward = False      # a random model scores 0: keep its rows to train on
     c.replay.max_chars = 0
+    c.replay.max_age = 1                   # iteration 2 trains on its own collection only
     c.replay.max_tokens = 0
     c.il_data.files = str(tmp / "il.jsonl")
     c.train.iterations = iterations
@@ -152,32 +153,34 @@ def tiny_models(monkeypatch, tmp_path):
 def test_rl_stage_end_to_end_and_resume(tiny_models):
     tmp = tiny_models
     a = rl_stage.run_rl(_config(tmp, 2), tmp / "a")
-    assert a["iterations"] == 2 and a["steps"] == 4 + 8      # 4 planner rows per collection, all kept
+    assert a["iterations"] == 2 and a["steps"] == 4 + 4      # 4 planner rows per collection, all kept
     rows = metrics.read_jsonl(tmp / "a" / "metrics.jsonl")
     tr = [r for r in rows if r["split"] == "train"]
     assert tr and all(np.isfinite(r["loss"]) and np.isfinite(r["il"]) for r in tr)
     assert all(r["rl_tokens_missing_behaviour"] == 0 for r in tr)
     col = [r for r in rows if r["split"] == "collect"]
     assert [r["iteration"] for r in col] == [1, 2] and all(r["behaviour_gap_max_abs"] < 1e-4 for r in col)
-    assert all(r["rejected_reflector_no_reward_change"] == 2 for r in col)
+    assert all(r.get("rejected_reflector_no_reward_change", 0) + r.get("rejected_reflector_empty_output", 0) == 2
+               for r in col)
     assert [r["iteration"] for r in rows if r["split"] == "eval"] == [2]
     buf_a = rl_stage.read_buffer(tmp / "a")
-    assert buf_a.size("planner") == 8 and {e.iteration for e in buf_a.entries["planner"]} == {1, 2}
+    assert buf_a.size("planner") == 4 and {e.iteration for e in buf_a.entries["planner"]} == {2}   # max_age 1
+    assert buf_a.evicted["age"] == 4
     params_a = rl_stage.trained_params(tmp / "a")
 
     # stopped after iteration 1, resumed for iteration 2
     rl_stage.run_rl(_config(tmp, 1), tmp / "b")
     b = rl_stage.run_rl(_config(tmp, 2), tmp / "b")
-    assert b["resumed_from_step"] == 4 and b["steps"] == 12
+    assert b["resumed_from_step"] == 4 and b["steps"] == 8
     _same(params_a, rl_stage.trained_params(tmp / "b"))
     assert rl_stage.read_buffer(tmp / "b").to_json() == buf_a.to_json()
 
-    # killed in the middle of iteration 2: drop the last checkpoint, resume from step 10
+    # killed in the middle of iteration 2: drop the last checkpoint, resume from step 6
     ck = tmp / "b" / "checkpoints"
-    shutil.rmtree(ck / "12")
+    shutil.rmtree(ck / "8")
     (tmp / "b" / "eval").exists() and shutil.rmtree(tmp / "b" / "eval")
     b2 = rl_stage.run_rl(_config(tmp, 2), tmp / "b")
-    assert b2["resumed_from_step"] == 10 and b2["steps"] == 12
+    assert b2["resumed_from_step"] == 6 and b2["steps"] == 8
     _same(params_a, rl_stage.trained_params(tmp / "b"))
     assert rl_stage.read_buffer(tmp / "b").to_json() == buf_a.to_json()
     steps = [r["step"] for r in metrics.read_jsonl(tmp / "b" / "metrics.jsonl") if r["split"] == "train"]
