@@ -127,7 +127,64 @@ def stage_eval(c) -> None:
     print((run_dir / "results.md").read_text())
 
 
-STAGES = {"eval": stage_eval}
+def _stage_dir(c, stage: str) -> pathlib.Path:
+    return pathlib.Path(c.run_dir) / stage
+
+
+def _exports(c, stage: str) -> dict:
+    """{name: hf dir} a finished stage exported in this run_dir ({} if none)."""
+    f = _stage_dir(c, stage) / f"{stage}_summary.json"
+    if not f.exists():
+        return {}
+    return dict(json.loads(f.read_text()).get("export") or {})
+
+
+def _role_sources(exported: dict, fallback: tuple[str, str]) -> tuple[str, str]:
+    """(planner source, reflector source) from a stage's exports, else ``fallback``."""
+    if "shared" in exported:
+        return exported["shared"], ""
+    planner = exported.get("planner", fallback[0])
+    reflector = exported.get("reflector", fallback[1] or fallback[0])
+    return planner, ("" if reflector == planner else reflector)
+
+
+def stage_il(c) -> None:
+    from retroact_jax.rl import il_stage
+    il = c.il
+    il.model.planner, il.model.reflector = c.model.planner, c.model.reflector
+    summary = il_stage.run_il(il, _stage_dir(c, "il"))
+    logging.info("il: %s", json.dumps({k: summary.get(k) for k in ("steps", "eval", "export")}))
+
+
+def stage_rl(c) -> None:
+    from retroact_jax.rl import rl_stage
+    rl = c.rl
+    rl.env = c.env
+    rl.model.planner, rl.model.reflector = _role_sources(
+        _exports(c, "il"), (c.model.planner, c.model.reflector))
+    expert = _stage_dir(c, "il") / "expert" / c.env / "il_samples.jsonl"
+    if expert.exists() and str(expert) not in rl.il_data.files:
+        rl.il_data.files = ",".join(x for x in (rl.il_data.files, str(expert)) if x)
+    summary = rl_stage.run_rl(rl, _stage_dir(c, "rl"))
+    logging.info("rl: %s", json.dumps({k: summary.get(k) for k in ("iterations", "export")}))
+
+
+def stage_eval_trained(c) -> None:
+    """Evaluation of the newest trained models of this run_dir (rl > il > c.model)."""
+    base = (c.model.planner, c.model.reflector)
+    il = _role_sources(_exports(c, "il"), base)
+    rl_exp = _exports(c, "rl")
+    planner, reflector = _role_sources(rl_exp, il) if rl_exp else il
+    if (planner, reflector) != base:
+        logging.info("eval: planner %s, reflector %s", planner, reflector or "(planner's)")
+        c.model.planner, c.model.reflector = planner, reflector
+        c.model.planner_lora = c.model.reflector_lora = ""
+        if not c.backbone:
+            c.backbone = "trained"
+    stage_eval(c)
+
+
+STAGES = {"il": stage_il, "rl": stage_rl, "eval": stage_eval_trained}
 
 
 def _init_jax() -> None:

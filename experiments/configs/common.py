@@ -42,4 +42,23 @@ def base(env: str, split: str, num_tasks: int, env_backend: str = "threads") -> 
     c.eval.env_workers = 4           # threads or worker processes stepping the envs
     c.eval.num_examples = 2          # few-shot exemplars (react / reflexion methods)
     c.eval.progress = True           # tqdm progress bar
+
+    # Training stages (``--config.stages=il,rl,eval``). The pipeline chains them: IL starts from
+    # c.model; RL starts from the IL export when the IL stage ran in this run_dir; eval uses the
+    # newest export (rl > il > c.model). Each stage's own fields: retroact_jax/rl/{il,rl}_stage.py.
+    from retroact_jax.rl import il_stage, rl_stage
+    released = RELEASED_IL.get(env, "")
+    c.il = il_stage.default_config()
+    c.il.data.released = released            # the original RetroAct imitation files, where released
+    c.il.data.expert_envs = "" if released else (env if env in EXPERT_ENVS else "")
+    c.rl = rl_stage.default_config()
+    c.rl.env = env
+    c.rl.il_data.released = released         # the IL regulariser's data (+ the IL stage's expert
+    c.rl.il_data.expert_envs = ""            #   samples, added by the pipeline when they exist)
     return c
+
+
+# The original RetroAct imitation files (data/retroact): ALFWorld and InterCode-SQL only.
+RELEASED_IL = {"alfworld": "alfworld_il", "intercode_sql": "intercode_il"}
+# Envs with a train split and a gold-script expert (rl/expert.py); InterCode-Bash has no train split.
+EXPERT_ENVS = ("hotpotqa", "alfworld", "intercode_sql")
