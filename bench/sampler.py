@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -158,6 +159,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--random", action="store_true")
     ap.add_argument("--skip-episode", action="store_true")
+    ap.add_argument("--episode-batch", type=int, default=1)
     args = ap.parse_args()
     import torch
     from retroact_jax import sampling
@@ -170,10 +172,13 @@ def main():
               "prompt_tokens": PROMPT, "new_tokens": NEW, "reps": args.reps,
               "threads": {"jax_xla_cpu": threads, "torch": torch.get_num_threads()},
               "loadavg_start": os.getloadavg()[0], "batches": {}}
+    if not args.skip_episode:
+        result["episode"] = bench_episode(sampler, rng, batch=args.episode_batch)
+        print(json.dumps({"partial": {"episode": result["episode"]}}), file=sys.stderr, flush=True)
     for b in [int(x) for x in args.batches.split(",")]:
         result["batches"][str(b)] = bench_batch(sampler, hf, b, args.reps, rng)
-    if not args.skip_episode:
-        result["episode"] = bench_episode(sampler, rng)
+        print(json.dumps({"partial": {str(b): result["batches"][str(b)]}}), file=sys.stderr,
+              flush=True)                       # progress survives an interrupted run
     result["loadavg_end"] = os.getloadavg()[0]
     result["trace_counts"] = dict(sampling.TRACE_COUNTS)
     print(json.dumps(result))

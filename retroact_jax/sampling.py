@@ -246,11 +246,14 @@ class Sampler:
         length = bucket(need, self.length_buckets, "KV cache length (slots used + new)")
         return state.replace(cache=_grow_jit(state.cache, length))
 
-    def _budgets(self, max_new_tokens, state: SamplerState, batch: int | None = None):
-        b = state.cache.batch if batch is None else batch
-        mx = np.zeros((b,), np.int32)
-        mx[: state.num_rows] = np.broadcast_to(np.asarray(max_new_tokens, np.int64),
-                                               (state.num_rows,))
+    @staticmethod
+    def _budgets(max_new_tokens, num_rows: int, batch: int) -> np.ndarray:
+        mx = np.zeros((batch,), np.int32)
+        try:
+            mx[:num_rows] = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (num_rows,))
+        except ValueError:
+            raise SamplerError(f"max_new_tokens must be an int or one per row ({num_rows}), got "
+                               f"{max_new_tokens!r}") from None
         if mx.min() < 0:
             raise SamplerError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         return mx
@@ -268,7 +271,9 @@ class Sampler:
         if not (temperature >= 0.0) or not (0.0 < top_p <= 1.0):
             raise SamplerError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         if key is None:
-            key = jax.random.key(0)
+            if temperature > 0.0:
+                raise SamplerError("sampling with temperature > 0 needs a PRNG key")
+            key = jax.random.key(0)                      # unused by greedy decoding
         return (key, jnp.asarray(mx), jnp.asarray(stop), jnp.asarray(eos_arr),
                 jnp.float32(temperature), jnp.float32(top_p))
 
@@ -309,7 +314,7 @@ class Sampler:
     def generate(self, state: SamplerState, key=None, max_new_tokens=32, *, temperature=0.0,
                  top_p=1.0, stop_mask=None, eos_ids=None) -> tuple[SamplerState, Completion]:
         """Continue every row (``max_new_tokens``: int or one per row; 0 = leave the row alone)."""
-        mx = self._budgets(max_new_tokens, state)
+        mx = self._budgets(max_new_tokens, state.num_rows, state.cache.batch)
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
         state = self._fit(state, int(state.cache.end) + int(mx.max(initial=0)))
         args = self._decode_args(key, mx, stop_mask, eos_ids, temperature, top_p)
@@ -327,7 +332,7 @@ class Sampler:
             raise SamplerError("sample() needs at least one prompt and no empty prompt")
         b = bucket(len(prompts), self.batch_buckets, "batch size")
         tokens, valid = self._chunk(prompts, b)
-        mx = self._budgets(max_new_tokens, SamplerState(None, None, num_rows=len(prompts)), b)
+        mx = self._budgets(max_new_tokens, len(prompts), b)
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
         length = bucket(tokens.shape[1] + int(mx.max(initial=0)) + reserve, self.length_buckets,
                         "KV cache length")

@@ -134,7 +134,16 @@ def test_invalid_actions_start_no_sandbox(monkeypatch):
 # -- sandbox -----------------------------------------------------------------------------------
 @pytest.mark.bwrap
 def test_gold_replay_sample_reaches_reward_1(env):
-    for i in range(0, 200, 10):                      # 20 tasks over all four file systems
+    # 20 tasks over all four file systems; golds that walk the whole root (``find ${DIRECTORY}``
+    # with DIRECTORY unset, ~120k files incl. /proc) depend on machine load and the 10 s timeout,
+    # so the sample takes the next task instead (bench/intercode_bash_gold.py replays all 200)
+    sample = []
+    for i in range(0, 200, 10):
+        while "${DIRECTORY}" in env.task_at(i).data["gold"] or " / " in env.task_at(i).data["gold"]:
+            i += 1
+        sample.append(i)
+    assert len(set(sample)) == 20
+    for i in sample:
         task = env.task_at(i)
         env.reset(i)
         env.step(f"execute[{task.data['gold']}]")

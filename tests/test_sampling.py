@@ -164,6 +164,10 @@ def test_sampler_rejects_bad_input(model):
         sampler.sample([[1, 9999]])
     with pytest.raises(sampling.SamplerError, match="top_p"):
         sampler.sample([[1, 2]], top_p=0.0)
+    with pytest.raises(sampling.SamplerError, match="PRNG key"):
+        sampler.sample([[1, 2]], temperature=1.0)
+    with pytest.raises(sampling.SamplerError, match="one per row"):
+        sampler.sample([[1, 2], [3]], max_new_tokens=[4, 5, 6])
     state = sampler.start([[1, 2]])
     with pytest.raises(sampling.SamplerError, match="rows"):
         sampler.extend(state, [[1], [2]])
