@@ -206,7 +206,18 @@ def _init_jax() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+class _QuietLibraries:
+    """Drops the INFO lines of checkpointing libraries (Orbax logs every save at INFO through
+    absl); their warnings and errors, and all of ours, still show. ``--verbosity=1`` keeps all."""
+    NOISY = ("/orbax/",)
+
+    def filter(self, record) -> bool:
+        return (record.levelno > 20 or logging.get_verbosity() > 0
+                or not any(n in record.pathname for n in self.NOISY))
+
+
 def main(argv) -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     c = _CONFIG.value

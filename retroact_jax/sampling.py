@@ -20,8 +20,10 @@ state passed to ``extend`` / ``generate`` must not be used again.
 Decoding: at each step every unfinished row samples one token from its current logits, the token is
 written to the cache (finished rows write invalid slots) and the next logits are computed; a row
 finishes on a token in ``stop_mask`` (tokens whose text contains a stop string, see
-``stop_token_mask``), on an ``eos_ids`` token, or when it has produced its ``max_new_tokens``; the
-loop ends when every row has finished. The stop/eos token is included in the output and the cache.
+``stop_token_mask``), when its last generated tokens equal one of ``stop_seqs`` (the token
+sequences of a stop string that spans several tokens, e.g. "Observation" = "Ob" "servation", see
+``stop_token_sequences``), on an ``eos_ids`` token, or when it has produced its
+``max_new_tokens``; the loop ends when every row has finished. The stop/eos token is included in the output and the cache.
 ``temperature == 0`` is greedy; otherwise tokens are drawn from ``softmax(logits / temperature)``
 restricted to the top-p nucleus when ``top_p < 1``. ``logp`` is the log-prob of each drawn token
 under that sampling distribution (nucleus renormalised); for greedy decoding, where that
@@ -45,6 +47,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()   # traced-function na
 
 POW2 = tuple(2 ** i for i in range(0, 16))
 MAX_EOS = 8
+MAX_STOP_SEQS, MAX_STOP_LEN = 16, 8    # multi-token stop sequences: how many, how long
 
 
 class SamplerError(ValueError):
@@ -91,6 +94,41 @@ def stop_token_mask(decode: Callable[[int], str], vocab_size: int,
     return mask
 
 
+def stop_token_sequences(encode: Callable[[str], Sequence[int]], decode: Callable[[Sequence[int]], str],
+                         stop_strings: Sequence[str],
+                         contexts: Sequence[str] = ("", " ", "\n", ":", ".", "]", "1")) -> list[tuple[int, ...]]:
+    """Token sequences that complete a stop string spanning several tokens, for ``stop_seqs``.
+
+    For each stop string s and context c, ``encode(c + s)`` minus the leading tokens whose text
+    lies wholly in c; kept when it has >= 2 tokens (a one-token completion is ``stop_mask``'s job)
+    and <= ``MAX_STOP_LEN``. Early stopping only: a stop string the model spells with another
+    tokenisation still runs to the budget and must be cut on the decoded text as well.
+    """
+    out: list[tuple[int, ...]] = []
+    for s in stop_strings:
+        if not s:
+            raise SamplerError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        for c in contexts:
+            ids = list(encode(c + s))
+            while ids and len(decode(ids[1:])) >= len(s) and s in decode(ids[1:]):
+                ids = ids[1:]                           # drop context-only leading tokens
+            if 2 <= len(ids) <= MAX_STOP_LEN and tuple(ids) not in out:
+                out.append(tuple(ids))
+    return out[:MAX_STOP_SEQS]
+
+
+def _stop_seq_array(stop_seqs) -> np.ndarray:
+    """[MAX_STOP_SEQS, MAX_STOP_LEN] int32, right-aligned, -1 = unused position / unused row."""
+    seqs = [] if stop_seqs is None else [tuple(int(t) for t in q) for q in stop_seqs]
+    if len(seqs) > MAX_STOP_SEQS or any(not 1 <= len(q) <= MAX_STOP_LEN for q in seqs):
+        raise SamplerError(f"stop_seqs: at most {MAX_STOP_SEQS} sequences of 1..{MAX_STOP_LEN} "
+                           f"tokens, got {stop_seqs!r}")
+    arr = np.full((MAX_STOP_SEQS, MAX_STOP_LEN), -1, np.int32)
+    for i, q in enumerate(seqs):
+        arr[i, MAX_STOP_LEN - len(q):] = q
+    return arr
+
+
 # --------------------------------------------------------------------------- pure traced functions
 def _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT):
     """Write T (left-padded) tokens per row; rows with no new token keep their logits."""
@@ -129,7 +167,14 @@ def _pick(logits_BxV, key, temperature, top_p):
     return jax.lax.cond(temperature > 0.0, stochastic, greedy, None)
 
 
-def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, stop_mask_V, eos_E,
+def _seq_stopped(recent_BxL, stop_SxL):
+    """[B] bool: the row's last L tokens end with one of the (right-aligned, -1 padded) sequences."""
+    used = stop_SxL >= 0
+    hit = jnp.all(~used[None] | (recent_BxL[:, None, :] == stop_SxL[None]), axis=-1)   # [B, S]
+    return jnp.any(hit & jnp.any(used, axis=-1)[None], axis=-1)
+
+
+def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, stop_mask_V, stop_SxL, eos_E,
             temperature, top_p, *, n_max: int, pad_id: int):
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params)
@@ -142,31 +187,35 @@ def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, stop_mask_
         return (i < n_max) & ~jnp.all(done)
 
     def body(c):
-        i, cache, logits, tokens, logp, done, count, key = c
+        i, cache, logits, tokens, logp, done, count, key, recent = c
         key, sub = jax.random.split(key)
         tok, lp = _pick(logits, sub, temperature, top_p)
         live = ~done
         tok = jnp.where(live, tok, pad_id)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logp = jax.lax.dynamic_update_slice(logp, jnp.where(live, lp, 0.0)[:, None], (0, i))
-        stopped = stop_mask_V[tok] | jnp.any(tok[:, None] == eos_E[None, :], axis=-1)
+        recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+        stopped = (stop_mask_V[tok] | jnp.any(tok[:, None] == eos_E[None, :], axis=-1)
+                   | _seq_stopped(recent, stop_SxL))
         new_logits, cache = model(tok[:, None], positions_after(cache, live[:, None]),
                                   live[:, None], cache=cache, last_only=True)
         logits = jnp.where(live[:, None], new_logits, logits)
         done = done | stopped | (i + 1 >= max_new_B)
-        return i + 1, cache, logits, tokens, logp, done, count + live.astype(jnp.int32), key
+        return (i + 1, cache, logits, tokens, logp, done, count + live.astype(jnp.int32), key,
+                recent)
 
+    recent0 = jnp.full((b, stop_SxL.shape[1]), -2, jnp.int32)     # matches no sequence position
     init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, tokens0, logp0, max_new_B <= 0,
-            jnp.zeros((b,), jnp.int32), key)
-    _, cache, logits, tokens, logp, _, count, _ = jax.lax.while_loop(cond, body, init)
+            jnp.zeros((b,), jnp.int32), key, recent0)
+    _, cache, logits, tokens, logp, _, count, _, _ = jax.lax.while_loop(cond, body, init)
     return cache, logits, tokens, logp, count
 
 
 def _prefill_decode(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT, key,
-                    max_new_B, stop_mask_V, eos_E, temperature, top_p, *, n_max, pad_id):
+                    max_new_B, stop_mask_V, stop_SxL, eos_E, temperature, top_p, *, n_max, pad_id):
     TRACE_COUNTS["prefill_decode"] += 1
     cache, logits = _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT)
-    return _decode(graphdef, params, cache, logits, key, max_new_B, stop_mask_V, eos_E,
+    return _decode(graphdef, params, cache, logits, key, max_new_B, stop_mask_V, stop_SxL, eos_E,
                    temperature, top_p, n_max=n_max, pad_id=pad_id)
 
 
@@ -258,7 +307,7 @@ class Sampler:
             raise SamplerError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         return mx
 
-    def _decode_args(self, key, mx, stop_mask, eos_ids, temperature, top_p):
+    def _decode_args(self, key, mx, stop_mask, stop_seqs, eos_ids, temperature, top_p):
         v = self.cfg.vocab_size
         stop = np.zeros((v,), bool) if stop_mask is None else np.asarray(stop_mask, bool)
         if stop.shape != (v,):
@@ -274,7 +323,10 @@ class Sampler:
             if temperature > 0.0:
                 raise SamplerError("sampling with temperature > 0 needs a PRNG key")
             key = jax.random.key(0)                      # unused by greedy decoding
-        return (key, jnp.asarray(mx), jnp.asarray(stop), jnp.asarray(eos_arr),
+        seqs = _stop_seq_array(stop_seqs)
+        if seqs.max() >= v:
+            raise SamplerError(f"stop_seqs hold token ids outside [0, {v}): {stop_seqs!r}")
+        return (key, jnp.asarray(mx), jnp.asarray(stop), jnp.asarray(seqs), jnp.asarray(eos_arr),
                 jnp.float32(temperature), jnp.float32(top_p))
 
     def _completion(self, state, tokens, logp, lengths, mx) -> Completion:
@@ -312,12 +364,13 @@ class Sampler:
         return state.replace(cache=cache, last_logits_BxV=logits)
 
     def generate(self, state: SamplerState, key=None, max_new_tokens=32, *, temperature=0.0,
-                 top_p=1.0, stop_mask=None, eos_ids=None) -> tuple[SamplerState, Completion]:
+                 top_p=1.0, stop_mask=None, stop_seqs=None,
+                 eos_ids=None) -> tuple[SamplerState, Completion]:
         """Continue every row (``max_new_tokens``: int or one per row; 0 = leave the row alone)."""
         mx = self._budgets(max_new_tokens, state.num_rows, state.cache.batch)
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
         state = self._fit(state, int(state.cache.end) + int(mx.max(initial=0)))
-        args = self._decode_args(key, mx, stop_mask, eos_ids, temperature, top_p)
+        args = self._decode_args(key, mx, stop_mask, stop_seqs, eos_ids, temperature, top_p)
         cache, logits, tokens, logp, lengths = _decode_jit(
             self.graphdef, self.params, state.cache, state.last_logits_BxV, *args,
             n_max=n_max, pad_id=self.pad_id)
@@ -325,7 +378,7 @@ class Sampler:
         return state, self._completion(state, tokens, logp, lengths, mx)
 
     def sample(self, prompts: Sequence[Sequence[int]], key=None, max_new_tokens=32, *,
-               temperature=0.0, top_p=1.0, stop_mask=None, eos_ids=None,
+               temperature=0.0, top_p=1.0, stop_mask=None, stop_seqs=None, eos_ids=None,
                reserve: int = 0) -> tuple[SamplerState, Completion]:
         """Prefill + decode in one compiled call; the returned state can be extended further."""
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -337,7 +390,7 @@ class Sampler:
         length = bucket(tokens.shape[1] + int(mx.max(initial=0)) + reserve, self.length_buckets,
                         "KV cache length")
         state = self._fresh(b, length, len(prompts))
-        args = self._decode_args(key, mx, stop_mask, eos_ids, temperature, top_p)
+        args = self._decode_args(key, mx, stop_mask, stop_seqs, eos_ids, temperature, top_p)
         cache, logits, out_tokens, logp, lengths = _prefill_decode_jit(
             self.graphdef, self.params, state.cache, state.last_logits_BxV, tokens, valid, *args,
             n_max=n_max, pad_id=self.pad_id)

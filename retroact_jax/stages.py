@@ -60,17 +60,17 @@ class ByteTokenizer(tokenizer_lib.Tokenizer):
         return ids, offsets
 
     def decode(self, ids, skip_special=False):
-        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+        return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", errors="replace")
 
     def _piece_text(self, token_id):
-        return "" if token_id < 3 else bytes([token_id - 3]).decode("utf-8", errors="replace")
+        return "" if not 3 <= token_id < 259 else bytes([token_id - 3]).decode("utf-8", errors="replace")
 
 
 def _load_one(source: str, param_dtype: str, seed: int):
     if source == TINY_RANDOM:
         from retroact_jax.models.config import tiny
         from retroact_jax.models.decoder import Decoder
-        cfg = tiny(param_dtype=param_dtype, dtype=param_dtype)
+        cfg = tiny(vocab_size=ByteTokenizer().vocab_size, param_dtype=param_dtype, dtype=param_dtype)
         return Decoder(cfg, rngs=nnx.Rngs(seed)), ByteTokenizer(), cfg
     from retroact_jax.models import hub
     return hub.load_pretrained(source, param_dtype=param_dtype)

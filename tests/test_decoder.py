@@ -170,3 +170,26 @@ def test_abstract_allocates_nothing_and_lora_hook():
     lin.lora_scale = 2.0
     changed, _ = model(tokens)
     assert np.abs(np.asarray(changed) - np.asarray(base)).max() > 1e-3
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_one_query_attention_paths_agree(b):
+    """The decode step's two attention forms (dots for batch 1, broadcast-reduce otherwise) are
+    the same function, holes in the cache included."""
+    from retroact_jax.models import decoder as dec
+    rng = np.random.default_rng(b)
+    q = jnp.asarray(rng.standard_normal((b, 1, 2, 3, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, 40, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, 40, 2, 16)), jnp.float32)
+    mask = jnp.asarray(rng.random((b, 1, 40)) < 0.6).at[:, :, 0].set(True)
+    a = dec._attend_one_dots(q, k, v, mask)
+    r = dec._attend_one_reduce(q, k, v, mask)
+    assert a.shape == r.shape == (b, 1, 2 * 3 * 16)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
+    # numpy reference
+    s = np.einsum("bkgh,bskh->bkgs", np.asarray(q)[:, 0], np.asarray(k))
+    s = np.where(np.asarray(mask)[:, 0][:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = np.einsum("bkgs,bskh->bkgh", p, np.asarray(v)).reshape(b, 1, -1)
+    np.testing.assert_allclose(np.asarray(a), ref, atol=1e-5)

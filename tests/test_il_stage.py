@@ -49,7 +49,7 @@ def test_multi_agent_lora_run_lowers_heldout_loss_and_exports(tmp_path):
     for role in ("planner", "reflector"):
         cfg, tensors = sio.read_hf_dir(wd / "export" / role / "hf")
         merged = convert.load_model(cfg, tensors)
-        adapted = Decoder(tiny(), rngs=nnx.Rngs(0))         # the tiny-random base of seed 0
+        adapted = Decoder(tiny(vocab_size=259), rngs=nnx.Rngs(0))   # the tiny-random base of seed 0
         lora.load_lora(adapted, wd / "export" / role / "lora")
         adapted.eval()
         ids = jnp.arange(3, 40)[None]

@@ -113,6 +113,54 @@ def test_stop_mask_eos_and_budgets(model):
         sampling.stop_token_mask(vocab.__getitem__, 20, [""])
 
 
+def _first_end(row, seq):
+    """1 + index of the last token of ``seq``'s first occurrence in ``row`` (len(row) if none)."""
+    n = len(seq)
+    return next((j + n for j in range(len(row) - n + 1) if list(row[j:j + n]) == list(seq)), len(row))
+
+
+def test_stop_sequences_end_rows_after_a_multi_token_match(model):
+    sampler = sampling.Sampler(model, eos_ids=())
+    _, free = sampler.sample(PROMPTS, max_new_tokens=16)
+    row2 = free.tokens_BxN[2].tolist()
+    seq = row2[5:8]                                  # a 3-token "stop string" row 2 emits
+    other = free.tokens_BxN[1, 2:4].tolist()         # and a 2-token one from row 1
+    want = [min(_first_end(r, seq), _first_end(r, other)) for r in free.tokens_BxN.tolist()]
+    assert want[2] <= 8 and want[1] <= 4
+    _, out = sampler.sample(PROMPTS, max_new_tokens=16, stop_seqs=[seq, other])
+    assert out.lengths_B.tolist() == want
+    for i, n in enumerate(want):
+        assert out.tokens_BxN[i, :n].tolist() == free.tokens_BxN[i, :n].tolist()
+    # the incremental path stops the same way, and one-token sequences act like the stop mask
+    state = sampler.start(PROMPTS)
+    _, inc = sampler.generate(state, None, 16, stop_seqs=[seq, other])
+    assert inc.lengths_B.tolist() == want
+    _, one = sampler.sample(PROMPTS, max_new_tokens=16, stop_seqs=[[row2[3]]])
+    assert one.lengths_B[2] == row2.index(row2[3]) + 1
+    with pytest.raises(sampling.SamplerError, match="stop_seqs"):
+        sampler.sample(PROMPTS, max_new_tokens=4, stop_seqs=[list(range(sampling.MAX_STOP_LEN + 1))])
+    with pytest.raises(sampling.SamplerError, match="outside"):
+        sampler.sample(PROMPTS, max_new_tokens=4, stop_seqs=[[1, 10 ** 6]])
+
+
+def test_stop_token_sequences_from_tokenizers():
+    from retroact_jax.models import embedded
+    from retroact_jax.stages import ByteTokenizer
+    tok = ByteTokenizer()
+    seqs = sampling.stop_token_sequences(tok.encode, tok.decode, ["Obs"])
+    assert seqs == [tuple(tok.encode("Obs"))]       # bytes: every context drops to the same ids
+    assert sampling.stop_token_sequences(tok.encode, tok.decode, ["\n"]) == []   # one token: the mask
+    smol = embedded.load_tokenizer()                # SmolLM2's BPE: the agent's "Observation" stop
+    seqs = sampling.stop_token_sequences(smol.encode, smol.decode, ["Observation"])
+    assert seqs and all(len(q) >= 2 for q in seqs)
+    for c in ("\n", " ", "", "."):                 # every spelling is caught by the mask or a sequence
+        ids = smol.encode("Thought: x" + c + "Observation 1:")
+        assert (any("Observation" in smol.decode([i]) for i in ids)
+                or any(tuple(ids[j:j + len(q)]) == q for q in seqs for j in range(len(ids)))), c
+    assert all("Observation" in smol.decode(list(q)) and "Observation" not in smol.decode(list(q[1:]))
+               for q in seqs)
+
+
 def test_extend_then_decode_equals_decode_from_full_prefill(model):
     sampler = sampling.Sampler(model, eos_ids=(), length_buckets=(64, 128, 256))
     obs = [[100, 101, 102], [200], [], [300, 301, 302, 303, 304, 305, 306, 307, 308]]

@@ -25,7 +25,7 @@ def get_config():
     c.il.train.buckets = "512"
     c.il.train.epochs = 1
     c.il.train.max_steps = 4
-    c.il.train.eval_every = 0            # held-out loss before and after only
+    c.il.train.eval_every = 4            # = max_steps: held-out loss before and after only
     c.il.train.log_every = 1
     c.il.optimizer.learning_rate = 3e-4
     c.il.optimizer.warmup_steps = 1

@@ -16,9 +16,10 @@ the same text, batching.py) and compared with the ids its row already holds:
   by one prefill of every live row's ids.
 
 ``incremental=False`` re-prefills every context at every call (the baseline for bench/rollout.py).
-Stop strings become the sampler's vocabulary mask (tokens whose text contains one); a stop string
-that spans several tokens ("Observation") is also caught on the decoded text: the completion and
-the row are cut right after it. Temperature 0 is greedy. Sampling keys derive from the requests'
+Stop strings become the sampler's vocabulary mask (tokens whose text contains one) and, for a stop
+string that spans several tokens ("Observation"), token sequences the decode loop stops on
+(``sampling.stop_token_sequences``); the decoded text is checked as well (another tokenisation of
+the stop string): the completion and the row are cut right after it. Temperature 0 is greedy. Sampling keys derive from the requests'
 seeds, so a batch's draw is reproducible given its composition.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ class LMPolicy:
         self.compact_slack = float(compact_slack)
         self.state: sampling.SamplerState | None = None
         self.rows: list[_Row] = []
-        self._stop_masks: dict[tuple[str, ...], np.ndarray] = {}
+        self._stop_masks: dict[tuple[str, ...], tuple[np.ndarray, list]] = {}
         self.stats = {"calls": 0, "prefill_tokens": 0, "reused_tokens": 0, "rolled_back": 0,
                       "compactions": 0, "new_tokens": 0}
 
@@ -84,10 +85,10 @@ class LMPolicy:
                 raise ValueError(f"request {r.key!r} has an empty context")
         key = jax.random.key(int(np.bitwise_xor.reduce(np.asarray([r.seed for r in requests],
                                                                    np.int64))) & 0x7FFFFFFF)
-        mask = self._stop_mask(tuple(stop))
+        mask, seqs = self._stop_mask(tuple(stop))
         if not self.incremental:
             state, out = self.sampler.sample(ids, key, max_new_tokens, temperature=temperature,
-                                             top_p=self.top_p, stop_mask=mask)
+                                             top_p=self.top_p, stop_mask=mask, stop_seqs=seqs)
             self.stats["prefill_tokens"] += sum(map(len, ids))
             return [self._completion(out, i, stop) for i in range(len(requests))]
         rows = self._assign([r.key for r in requests])
@@ -96,7 +97,7 @@ class LMPolicy:
         budgets[rows] = max_new_tokens
         before = np.asarray(self.state.cache.valid_BxS)
         self.state, out = self.sampler.generate(self.state, key, budgets, temperature=temperature,
-                                                top_p=self.top_p, stop_mask=mask)
+                                                top_p=self.top_p, stop_mask=mask, stop_seqs=seqs)
         new_slots = self._new_slots(before)
         comps = []
         for i, row in enumerate(rows):
@@ -109,14 +110,15 @@ class LMPolicy:
         return comps
 
     # ------------------------------------------------------------------------------ helpers
-    def _stop_mask(self, stop: tuple[str, ...]) -> np.ndarray:
+    def _stop_mask(self, stop: tuple[str, ...]) -> tuple[np.ndarray, list]:
         if stop not in self._stop_masks:
             texts = self.tok.token_texts()
             v = self.sampler.cfg.vocab_size
             mask = np.zeros((v,), bool)
             for i, t in enumerate(texts[:v]):
                 mask[i] = any(s in t for s in stop)
-            self._stop_masks[stop] = mask
+            seqs = sampling.stop_token_sequences(self.tok.encode, self.tok.decode, stop) if stop else []
+            self._stop_masks[stop] = (mask, seqs)
         return self._stop_masks[stop]
 
     def _completion(self, out, row: int, stop) -> Completion:

@@ -185,9 +185,26 @@ def positions_after(cache: KVCache, valid_BxT):
 
 # ------------------------------------------------------------------------------------------ model
 def _attend_one(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS):
-    """Attention of one query per row as broadcast-multiply + reductions over the cache in its
-    own [B, S, K, H] layout. A ``dot_general`` here makes XLA:CPU transpose the whole cache to
-    [B, K, S, H] first (batch dims major) at every decode step: 4x slower at batch 32."""
+    """Attention of one query per row over the cache in its own [B, S, K, H] layout.
+
+    Batch > 1: broadcast-multiply + reductions. A ``dot_general`` here makes XLA:CPU transpose
+    the whole cache to [B, K, S, H] first (batch dims major) at every decode step: 2x slower at
+    batch 32. Batch 1: that transpose is small and the two dots beat the reductions (a SmolLM2
+    decode step 33 vs 43 ms on the 2-core CPU, bench/README.md)."""
+    if q_Bx1xKxGxH.shape[0] == 1:
+        return _attend_one_dots(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS)
+    return _attend_one_reduce(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS)
+
+
+def _attend_one_dots(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS):
+    b = q_Bx1xKxGxH.shape[0]
+    s = jnp.einsum("bkgh,bskh->bkgs", q_Bx1xKxGxH[:, 0], k_BxSxKxH).astype(jnp.float32)
+    s = jnp.where(mask_Bx1xS[:, 0][:, None, None, :], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v_BxSxKxH.dtype)
+    return jnp.einsum("bkgs,bskh->bkgh", p, v_BxSxKxH).reshape(b, 1, -1)
+
+
+def _attend_one_reduce(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS):
     q = q_Bx1xKxGxH[:, 0][:, None, :, :, :]                                  # [B, 1, K, G, H]
     s = jnp.sum((k_BxSxKxH[:, :, :, None, :] * q).astype(jnp.float32), axis=-1)   # [B, S, K, G]
     s = jnp.where(mask_Bx1xS[:, 0][:, :, None, None], s, _NEG)
