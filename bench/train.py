@@ -63,8 +63,9 @@ def pin_threads(n: int) -> None:
         raise SystemExit(f"--threads {n} but only {len(cpus)} cores are available")
     os.sched_setaffinity(0, cpus[:n])
     if n == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+        # (no bare "intra_op_parallelism_threads=1" here: XLA stops parsing XLA_FLAGS at a token
+        # without "--", silently dropping every flag after it)
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
 
 
 def _status_kb(field: str) -> int:

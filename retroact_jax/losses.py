@@ -54,16 +54,38 @@ def token_logprobs_and_entropy(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -
     """Aligned log-probs and predictive entropies, float32.
 
     ``logp_BxT[:, t] = log softmax(logits[:, t-1])[tokens[:, t]]`` and ``entropy_BxT[:, t]`` is the entropy
-    of that same distribution; both are 0 at t = 0 (no prediction for the first token).
+    of that same distribution; both are 0 at t = 0 (no prediction for the first token). The entropy is a
+    metric: it carries no gradient.
     """
-    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
+    return shifted_logprobs_and_entropy(logits_BxTxV[:, :-1], tokens_BxT)
+
+
+def shifted_logprobs_and_entropy(logits_BxSxV: jax.Array, tokens_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``token_logprobs_and_entropy`` from the logits of positions ``0 .. T-2`` only (``S = T - 1``).
+
+    The last position's logits predict nothing that is trained, so a training step computes the head on
+    ``hidden[:, :-1]`` and passes them here: no [B, T, V] slice in the forward nor pad in the backward.
+    One ``exp`` over the [B, S, V] logits feeds the log-sum-exp, the entropy (read through
+    ``stop_gradient``: no backward pass for it) and the softmax of the backward.
+    """
+    B, T = tokens_BxT.shape
+    if logits_BxSxV.shape[:2] != (B, T - 1):
+        raise ValueError(f"logits {logits_BxSxV.shape} must be [B, T-1, V] for tokens {tokens_BxT.shape}")
+    logits = logits_BxSxV.astype(jnp.float32)
     nxt = tokens_BxT[:, 1:].astype(jnp.int32)
-    lse_BxT = jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.take_along_axis(logits, nxt[..., None], axis=-1)[..., 0] - lse_BxT
-    # H = lse - E_p[logit]: reductions XLA fuses, no second [B, T, V] log-softmax kept; -inf logits give 0
-    p_BxTxV = jnp.exp(logits - lse_BxT[..., None])
-    ent = lse_BxT - jnp.sum(jnp.where(p_BxTxV > 0, p_BxTxV * logits, 0.0), axis=-1)
-    zero_Bx1 = jnp.zeros((tokens_BxT.shape[0], 1), jnp.float32)
+    # one exp pass over [B, S, V]: e = exp(logits - max) serves the log-sum-exp, the entropy and the
+    # backward (softmax = e / Z); an all -inf row gets max 0 (as jax.nn.logsumexp)
+    mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    shifted = logits - mx[..., None]
+    e_BxSxV = jnp.exp(shifted)
+    z_BxS = jnp.sum(e_BxSxV, axis=-1)
+    log_z = jnp.log(z_BxS)
+    logp = jnp.take_along_axis(shifted, nxt[..., None], axis=-1)[..., 0] - log_z
+    # H = log Z - E_p[logit - max]; -inf logits (e = 0) add 0
+    e_sg, sh_sg, z_sg = (jax.lax.stop_gradient(x) for x in (e_BxSxV, shifted, z_BxS))
+    ent = jax.lax.stop_gradient(log_z) - jnp.sum(jnp.where(e_sg > 0, e_sg * sh_sg, 0.0), axis=-1) / z_sg
+    zero_Bx1 = jnp.zeros((B, 1), jnp.float32)
     return jnp.concatenate([zero_Bx1, logp], axis=1), jnp.concatenate([zero_Bx1, ent], axis=1)
 
 

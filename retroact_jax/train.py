@@ -180,8 +180,12 @@ class Learner:
             # rows of one model are contiguous (planner then reflector), so one forward per model
             a, b = mine[0][1], mine[-1][2]
             sl = lambda x: x[a:b]  # noqa: E731
-            logits, _ = model(sl(batch["tokens_BxT"]), sl(batch["positions_BxT"]), sl(batch["valid_BxT"]))
-            lp, ent = losses.token_logprobs_and_entropy(logits, sl(batch["tokens_BxT"]))
+            h_BxTxD, _ = model.hidden(sl(batch["tokens_BxT"]), sl(batch["positions_BxT"]),
+                                      sl(batch["valid_BxT"]))
+            # the last position predicts no trained token: the head runs on T-1 positions, so the
+            # [B, T, V] logits are never sliced (forward) nor padded back (backward)
+            logits_BxSxV = model.head(h_BxTxD[:, :-1])
+            lp, ent = losses.shifted_logprobs_and_entropy(logits_BxSxV, sl(batch["tokens_BxT"]))
             logps.append((a, lp))
             ents.append((a, ent))
             new_rngs[name] = nnx.state(model, nnx.RngState)

@@ -51,6 +51,31 @@ def _bcast(vec, ndim: int):
 
 
 # ----------------------------------------------------------------------------------------- layers
+@jax.custom_vjp
+def matmul(x_NxI, w_IxO):
+    """``x @ w`` (any leading dims) whose weight gradient is a plain GEMM: see ``_matmul_bwd``."""
+    return x_NxI @ w_IxO
+
+
+def _matmul_fwd(x_NxI, w_IxO):
+    return x_NxI @ w_IxO, (x_NxI, w_IxO)
+
+
+def _matmul_bwd(res, dy_NxO):
+    """``dx = dy w^T``, ``dw = x^T dy`` over all tokens. Left to itself, XLA:CPU folds the transpose
+    of ``x`` into the dot (contracting dim 0 of both operands) and runs it as a slower Eigen dot;
+    the optimisation barrier keeps ``x^T`` a real [in, tokens] copy (a few MB), so the weight
+    gradient is a plain [in, tokens] x [tokens, out] GEMM in XLA's faster (YNNPACK) dot."""
+    x, w = res
+    x_TxI = x.reshape(-1, x.shape[-1])
+    dy_TxO = dy_NxO.reshape(-1, dy_NxO.shape[-1])
+    x_IxT = jax.lax.optimization_barrier(x_TxI.T)
+    return dy_NxO @ w.T, x_IxT @ dy_TxO
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias) (+ (x @ lora_a) @ lora_b * lora_scale)``; kernel is [in, out]."""
 
@@ -67,7 +92,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        y = matmul(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + _bcast(self.bias[...].astype(self.dtype), y.ndim)
         if self.lora_a is not None:
