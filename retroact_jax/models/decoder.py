@@ -239,6 +239,24 @@ def _attend_one_reduce(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS):
     return o.reshape(b, 1, k * g * h)
 
 
+def _attend_many(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+    """Attention of T queries per row (prefill, extension, training) as two batched GEMMs over
+    (b, kv head): q -> [B, K, G*T, H] and k, v -> [B, K, S, H] first (small copies), so the
+    [.., G*T, S] scores come out with S minor and softmax + the second GEMM need no transpose. A
+    plain ``einsum("btkgh,bskh->bkgts")`` lets XLA:CPU pick a layout that transposes the scores
+    (the largest tensor) several times: 1.5-2x slower forward and backward (bench/README.md)."""
+    b, t, nk, g, h = q_BxTxKxGxH.shape
+    s_len = k_BxSxKxH.shape[1]
+    q = q_BxTxKxGxH.transpose(0, 2, 3, 1, 4).reshape(b, nk, g * t, h)
+    k = k_BxSxKxH.transpose(0, 2, 1, 3)
+    v = v_BxSxKxH.transpose(0, 2, 1, 3)
+    s = jnp.einsum("bkxh,bksh->bkxs", q, k).astype(jnp.float32).reshape(b, nk, g, t, s_len)
+    s = jnp.where(mask_BxTxS[:, None, None, :, :], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(b, nk, g * t, s_len)
+    o = jnp.einsum("bkxs,bksh->bkxh", p, v).reshape(b, nk, g, t, h)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, nk * g * h)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, nq, nk = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -264,11 +282,7 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, nk, g, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
         if t == 1:
             return self.o_proj(_attend_one(q, k, v, mask_BxTxS)), (k, v)
-        s = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
-        s = jnp.where(mask_BxTxS[:, None, None, :, :], s, _NEG)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, nk * g * h)
-        return self.o_proj(o), (k, v)
+        return self.o_proj(_attend_many(q, k, v, mask_BxTxS)), (k, v)
 
 
 class MLP(nnx.Module):
