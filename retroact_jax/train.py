@@ -205,7 +205,7 @@ class Learner:
         for n in self.names:
             updates, new_opt[n] = self.tx.update(grads[n], state["opt"][n], state["params"][n])
             new_params[n] = optax.apply_updates(state["params"][n], updates)
-            metrics[f"grad_norm_{n}"] = optax.tree_utils.tree_l2_norm(grads[n])
+            metrics[f"grad_norm_{n}"] = optax.tree_utils.tree_norm(grads[n])
             lr = optim.current_lr(new_opt[n])
             if lr is not None:
                 metrics[f"lr_{n}"] = lr
