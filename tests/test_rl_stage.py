@@ -15,7 +15,7 @@ from retroact_jax.agent import loop
 from retroact_jax.agent.lm_policy import LMPolicy
 from retroact_jax.models.config import tiny
 from retroact_jax.models.decoder import Decoder
-from retroact_jax.rl import collect, rl_stage, samples as samples_lib
+from retroact_jax.stages import collect, rl as rl_stage, samples as samples_lib, setup
 from retroact_jax.sampling import Sampler
 
 ALPHABET = "\n" + "".join(chr(i) for i in range(32, 127))
@@ -145,7 +145,7 @@ def _config(tmp: pathlib.Path, iterations: int):
 
 @pytest.fixture()
 def tiny_models(monkeypatch, tmp_path):
-    monkeypatch.setattr(stages, "_load_one", lambda source, dtype, seed: (_model(seed), CharTok(),
+    monkeypatch.setattr(setup, "load_one", lambda source, dtype, seed: (_model(seed), CharTok(),
                                                                           tiny(vocab_size=TOK.vocab_size)))
     il = [batching.Sample("planner", (("prompt", "Question: q"), ("generated", "\nThought 1: x\nAction 1: Finish[y]\n"))),
           batching.Sample("reflector", (("prompt", "Previous trial: q\nReflection:"), ("generated", " Search first.\n")))]

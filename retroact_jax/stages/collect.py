@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from retroact_jax import batching
-from retroact_jax.rl import samples as samples_lib
+from retroact_jax.stages import samples as samples_lib
 
 
 class CollectError(RuntimeError):

@@ -26,11 +26,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from retroact_jax import benchmarks
 from retroact_jax.batching import Sample
-from retroact_jax.rl import samples as S
-
-TRAIN_SPLITS = {"hotpotqa": "train", "alfworld": "train", "intercode_sql": "train"}
-ENV_BACKENDS = {"alfworld": "processes"}       # TextWorld's parser is not thread-safe
+from retroact_jax.stages import samples as S
 
 
 class ExpertError(ValueError):
@@ -49,17 +47,8 @@ class ExpertConfig:
 
 
 def passes_evaluator(rec: Mapping[str, Any]) -> bool:
-    """The benchmark's evaluator on a trial record (PAPER.md §2.1, Table 5)."""
-    env = rec.get("env")
-    steps = rec.get("steps") or []
-    info = steps[-1].get("info", {}) if steps else {}
-    if env == "hotpotqa":
-        return bool(info.get("em", rec.get("success")))
-    if env == "alfworld":
-        return bool(info.get("won", rec.get("success")))
-    if env in ("intercode_sql", "intercode_bash"):
-        return float(rec.get("score", 0.0)) == 1.0
-    return bool(rec.get("success"))
+    """The benchmark's evaluator on a trial record (docs/paper.md §2.1)."""
+    return benchmarks.get(rec["env"]).passes_evaluator(rec)
 
 
 def select_tasks(n_all: int, num_tasks: int, seed: int) -> list[int]:
@@ -94,9 +83,10 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
     import envs
     from retroact_jax import evaluation
     from retroact_jax.agent import loop, rollout
-    split = split or TRAIN_SPLITS.get(env_name)
-    if split is None:
-        raise ExpertError(f"no expert train split for env {env_name!r}; known: {sorted(TRAIN_SPLITS)}")
+    bench = benchmarks.get(env_name)
+    split = split or bench.train_split
+    if not split:
+        raise ExpertError(f"{env_name} has no train split for the expert to play")
     if cfg.trials < 1 or not 0.0 <= cfg.reflect_fraction <= 1.0:
         raise ExpertError(f"expert trials must be >= 1 and reflect_fraction in [0, 1]: {cfg}")
     if cfg.reflect_fraction > 0 and cfg.trials < 2:
@@ -114,7 +104,7 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
     run_dir.mkdir(parents=True, exist_ok=True)
     agent_cfg = loop.AgentConfig(trials=cfg.trials, batch_size=cfg.batch_size, env_workers=cfg.env_workers)
     rollout.evaluate(env_name, split, indices, pol, pol, agent_cfg, run_dir,
-                     env_backend=ENV_BACKENDS.get(env_name, "threads"), show_progress=cfg.progress)
+                     env_backend=bench.env_backend, show_progress=cfg.progress)
     recs = evaluation.TrajectoryLog(run_dir / "trajectories.jsonl").load()
     wanted = {tasks[i].id for i in indices}
     return [r for r in recs if r["task_id"] in wanted]

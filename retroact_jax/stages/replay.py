@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from retroact_jax import batching
-from retroact_jax.rl import samples as samples_lib
+from retroact_jax.stages import samples as samples_lib
 
 ROLES = ("planner", "reflector")
 FORMAT = 1
