@@ -130,6 +130,8 @@ def _config(tmp: pathlib.Path, iterations: int):
     c.replay.max_tokens = 0
     c.il_data.files = str(tmp / "il.jsonl")
     c.train.iterations = iterations
+    c.train.epochs = 1                     # the "iterated" schedule, constant lr
+    c.optimizer.schedule = "constant"
     c.train.buckets = "1024,2048"
     c.train.checkpoint_every = 2
     c.train.progress = False
