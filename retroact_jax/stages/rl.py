@@ -100,7 +100,8 @@ def default_config() -> mlc.ConfigDict:
     c.replay.max_tokens = 2048        # drop rows longer than this (0: off; else rows are cut at the bucket)
     c.il_data = mlc.ConfigDict()      # the IL regulariser's data (rl/il_stage.load_samples sources)
     c.il_data.released = ""           # alfworld_il | intercode_il (comma list)
-    c.il_data.expert_envs = ""        # expert rollouts (cached in <workdir>/expert)
+    c.il_data.expert_envs = ""        # expert rollouts (cached in <expert_workdir>/expert)
+    c.il_data.expert_workdir = ""     # "" = this stage's workdir; the pipeline: the IL stage's
     c.il_data.expert_tasks = 100
     c.il_data.expert_reflect_fraction = 0.3
     c.il_data.expert_batch_size = 8

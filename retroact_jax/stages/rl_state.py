@@ -116,7 +116,7 @@ def _load_il(c, workdir: pathlib.Path, roles, tok, eos) -> dict[str, list[batchi
         return {}
     shim = types.SimpleNamespace(seed=int(c.seed), data=c.il_data,
                                  train=types.SimpleNamespace(progress=bool(c.train.progress)))
-    by_role, _ = il.load_samples(shim, workdir)
+    by_role, _ = il.load_samples(shim, pathlib.Path(c.il_data.expert_workdir or workdir))
     return {r: [batching.tokenize_sample(x, tok, eos_id=eos) for x in by_role[r]] for r in roles}
 
 
