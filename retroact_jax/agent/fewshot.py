@@ -1,6 +1,6 @@
 """Few-shot exemplars for the expert and the prompting baselines (ReAct, Reflexion).
 
-The original's exemplar files are not released (PAPER.md §7), so exemplars are written here from
+The original's exemplar files are not released (docs/paper.md §7), so exemplars are written here from
 the packs' gold data of the *training* splits (never the evaluated tasks): the gold scripts of
 gold.py are played through the real environment and the trial loop, and the resulting trajectories
 are rendered in exactly the inference format (so an exemplar reads like the trajectory the model is

@@ -35,3 +35,15 @@ def example_text(head: str, rest: str) -> str:
 def reflect_instruction(protocol) -> str:
     from retroact_jax.agent import prompts
     return prompts.reflexion_instruction(protocol.task_kind)
+
+
+def benchmark(name: str, label: str, lang: str, listing: str, eval_tasks: int, train_split: str,
+              released_il: str):
+    """An InterCode benchmark: the shared scripts with its language's gold and listing command."""
+    from retroact_jax.benchmarks import Benchmark
+    return Benchmark(
+        name=name, label=label, metrics=("reward", "success_rate"), eval_split="test",
+        eval_tasks=eval_tasks, train_split=train_split, example_split=train_split,
+        env_backend="threads", released_il=released_il, gold_planner=gold_planner(lang, listing),
+        gold_reflection=gold_reflection, passes_evaluator=passes_evaluator,
+        example_text=example_text, reflect_instruction=reflect_instruction)

@@ -9,7 +9,7 @@ current policies on train tasks -> RL samples -> behaviour log-probs by a scorin
   collection resumes from that file and never re-plays a finished trial.
 * ``rl_samples``: trial records -> planner / reflector samples (``rl.samples``; planner R = the trial's
   score, reflector (last, current) = scores of trials k and k+1).
-* ``score_behaviour``: the behaviour log-probs of DESIGN.md, RetroAct's ``ref_prob.py``: the
+* ``score_behaviour``: the behaviour log-probs of docs/design.md, RetroAct's ``ref_prob.py``: the
   parameters that collected the data score, at temperature 1, exactly the token sequence training
   will use (``batching.tokenize_sample`` of the sample, EOS appended as the original); one value per
   non-prompt token. The sampler's own log-probs of the generated spans are compared with them as a
@@ -74,7 +74,7 @@ def rl_samples(records: Sequence[Mapping[str, Any]], roles: Sequence[str]) -> li
 
 
 def ei_samples(records: Sequence[Mapping[str, Any]], roles: Sequence[str]) -> list[batching.Sample]:
-    """Expert iteration (PAPER.md §3.1 baselines): successful trials and the reflections that
+    """Expert iteration (docs/paper.md §3.1 baselines): successful trials and the reflections that
     preceded them, as imitation samples."""
     out: list[batching.Sample] = []
     if "planner" in roles:

@@ -1,5 +1,5 @@
 """The project's own imitation data: scripted experts rolled out through the agent loop on the
-TRAIN split of each environment, filtered by the benchmark's evaluator (PAPER.md §2.1).
+TRAIN split of each environment, filtered by the benchmark's evaluator (docs/paper.md §2.1).
 
 RetroAct's expert was Mixtral-8x7B with few-shot prompts; no such model runs here, so the expert
 is the gold script of ``agent.gold`` (HotpotQA: search the supporting-fact titles, then answer;
@@ -111,7 +111,7 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
 
 
 def il_samples(records: Sequence[Mapping[str, Any]]) -> tuple[list[Sample], list[Sample], dict]:
-    """(planner samples, reflector samples, counts) of evaluator-accepted trials (PAPER.md §2.1)."""
+    """(planner samples, reflector samples, counts) of evaluator-accepted trials (docs/paper.md §2.1)."""
     planner = S.planner_samples(records, "il", keep=passes_evaluator)
     reflector = S.reflector_samples(records, "il", keep=lambda prev, nxt: passes_evaluator(nxt))
     tasks = {S.task_key(r) for r in records}
