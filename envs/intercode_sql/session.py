@@ -23,7 +23,8 @@ Layers (each one would stop the hostile statements on its own; together they als
   order in which MariaDB breaks ORDER BY / GROUP BY ties, which differs per connection), the role and
   the task's database are set again, and a fingerprint of every session variable is compared with the
   one of a fresh connection. Any difference, or a connection that is gone: a fresh connection instead.
-  XA transactions an agent prepared (they outlive connections) are rolled back by the admin account.
+  XA transactions an agent prepared (they outlive connections) are rolled back by the admin account
+  when the episode ends.
 - Multiple statements per call are impossible: the client flag MULTI_STATEMENTS is off (and the
   RetroAct parser already cuts the SQL at the first ``;``).
 """
@@ -45,11 +46,10 @@ BYTE_CAP = 32 << 20
 TIMEOUT_S = 5.0
 BACKSTOP_S = 5.0                 # the watchdog / client read timeout fire this long after the server's limit
 COM_RESET_CONNECTION = 0x1F      # protocol command (MariaDB >= 10.2.4); pymysql has no public call for it
-# session variables that differ between two fresh connections of the same user
-_PER_CONNECTION_VARS = ("RAND_SEED1", "RAND_SEED2", "PSEUDO_THREAD_ID", "TIMESTAMP", "MAX_USER_CONNECTIONS")
-_FINGERPRINT_SQL = ("SELECT MD5(GROUP_CONCAT(VARIABLE_NAME, '=', VARIABLE_VALUE ORDER BY VARIABLE_NAME SEPARATOR '\\n')), "
-                    "COUNT(*), CURRENT_ROLE(), DATABASE(), @@in_transaction FROM information_schema.SESSION_VARIABLES "
-                    "WHERE VARIABLE_NAME NOT IN (" + ", ".join(f"'{v}'" for v in _PER_CONNECTION_VARS) + ")")
+# session variables left out of the fingerprint: they differ between two fresh connections of the same
+# user, or follow the last statement (read-only counters, the transaction a SELECT opens), not a setting
+_NOT_SETTINGS = ("RAND_SEED1", "RAND_SEED2", "PSEUDO_THREAD_ID", "TIMESTAMP", "MAX_USER_CONNECTIONS",
+                 "WARNING_COUNT", "ERROR_COUNT", "IN_TRANSACTION")
 
 Rows = list[tuple]
 Result = Any   # Rows (a result set), None (a statement without one), or str (an error observation)
@@ -101,7 +101,8 @@ class SqlRunner:
         self._admin_lock = threading.Lock()   # the watchdog thread shares the admin connection
         self._cnx = None
         self.db: str | None = None
-        self._baseline: tuple | None = None   # a fresh connection's session fingerprint (md5, count, role)
+        self._fp_sql: str | None = None       # the session fingerprint query (built on the first connection)
+        self._baseline: tuple | None = None   # a fresh connection's fingerprint (md5, role)
         self.user, lock_fd = users.claim(info.state_dir)
         self._password = secrets.token_hex(16)
         self._finalizer = weakref.finalize(self, _drop_user, self._admin_kwargs, self.user, info.state_dir, lock_fd)
@@ -172,7 +173,7 @@ class SqlRunner:
             else:
                 raise
         if self._baseline is None:
-            self._baseline = self._fingerprint(cnx)[:3]
+            self._baseline = self._fingerprint(cnx)[:2]
         return cnx
 
     def end_episode(self) -> None:
@@ -211,11 +212,19 @@ class SqlRunner:
             cur.execute(f"SET SESSION max_statement_time={self.timeout_s:g}, sql_select_limit={self.row_cap + 1}")
 
     def _fingerprint(self, cnx) -> tuple:
-        """(md5 of all session variables but the per-connection ones, their count, role, database,
-        in_transaction), after the limits every statement gets."""
+        """(md5 of every session variable's value but ``_NOT_SETTINGS``, role, database), after
+        the limits every statement gets. The variables are the server's own list
+        (information_schema.SYSTEM_VARIABLES, all but GLOBAL scope), read once on a fresh connection."""
+        with cnx.cursor(pymysql.cursors.Cursor) as cur:
+            if self._fp_sql is None:
+                cur.execute("SELECT VARIABLE_NAME FROM information_schema.SYSTEM_VARIABLES "
+                            "WHERE VARIABLE_SCOPE <> 'GLOBAL' ORDER BY VARIABLE_NAME")
+                names = [n for (n,) in cur.fetchall() if n.upper() not in _NOT_SETTINGS]
+                values = ", ".join(f"COALESCE(@@session.`{n}`, 'NULL')" for n in names)
+                self._fp_sql = f"SELECT MD5(CONCAT_WS(0x0a, {values})), CURRENT_ROLE(), DATABASE()"
         self._apply_limits(cnx)
         with cnx.cursor(pymysql.cursors.Cursor) as cur:
-            cur.execute(_FINGERPRINT_SQL)
+            cur.execute(self._fp_sql)
             return tuple(cur.fetchall()[0])
 
     def execute(self, sql: str) -> Result:
@@ -287,7 +296,7 @@ class SqlRunner:
     # -- the gold ---------------------------------------------------------------------------
     def reset_session(self, db: str) -> bool:
         """Put the episode's connection back in a fresh connection's state, on ``db``, keeping its
-        server thread. False (and no connection) when that cannot be done or cannot be verified."""
+        server thread. False (and no connection) when that cannot be done."""
         cnx = self._cnx
         if cnx is None or not cnx.open:
             return False
@@ -298,27 +307,44 @@ class SqlRunner:
             with cnx.cursor(pymysql.cursors.Cursor) as cur:
                 cur.execute(f"SET ROLE {srv.READER_ROLE}")   # reset leaves the role the agent set (NONE)
             cnx.select_db(db)
-            fp = self._fingerprint(cnx)
         except Exception:  # noqa: BLE001 - a dead / killed connection: the caller opens a fresh one
             self._drop(cnx)
             return False
-        if fp[:3] != self._baseline or str(fp[3]).lower() != db.lower() or int(fp[4]) != 0:
+        return True
+
+    def session_is_default(self, db: str) -> bool:
+        """Whether the episode's session is a fresh connection's (every session variable, role) on ``db``.
+        False (and no connection) otherwise."""
+        cnx = self._cnx
+        if cnx is None or not cnx.open:
+            return False
+        try:
+            fp = self._fingerprint(cnx)
+        except Exception:  # noqa: BLE001
+            self._drop(cnx)
+            return False
+        if fp[:2] != self._baseline or str(fp[2]).lower() != db.lower():
             self._drop(cnx)
             return False
         return True
 
     def run_gold(self, db: str, sql: str) -> tuple[Result, str]:
         """Run the gold ``sql`` on ``db`` in a session in the default state: the episode's connection
-        reset (``"reset"``), or a fresh connection (``"fresh"``) when the reset cannot be trusted."""
-        how = "reset" if self.reset_session(db) else "fresh"
-        if how == "fresh":
-            self.db = db
-            try:
-                self._cnx = self._connect()
-            except Exception as e:  # noqa: BLE001
-                return error_obs(_mysql_msg(e)), how
-        self.rollback_detached_xa()
-        return self.execute(sql), how
+        reset (``"reset"``), or a fresh connection (``"fresh"``) when the reset cannot be trusted.
+        The gold runs right after the reset and the session is checked after it (a SELECT changes no
+        session variable): MariaDB breaks ties by memory addresses of the server thread, so the fewer
+        statements between the agent's last one and the gold, the likelier the same tie order."""
+        if self.reset_session(db):
+            res = self.execute(sql)
+            if self.session_is_default(db):
+                return res, "reset"
+        self.end_episode()
+        self.db = db
+        try:
+            self._cnx = self._connect()
+        except Exception as e:  # noqa: BLE001
+            return error_obs(_mysql_msg(e)), "fresh"
+        return self.execute(sql), "fresh"
 
     def run_isolated(self, db: str, sql: str) -> Result:
         """Run ``sql`` on ``db`` in a connection of its own (used for the gold queries)."""
