@@ -21,9 +21,10 @@ Layers (each one would stop the hostile statements on its own; together they als
   with COM_RESET_CONNECTION (session variables, user variables, prepared statements, transaction,
   temporary tables, locks: all back to a fresh connection's; the server thread stays, and with it the
   order in which MariaDB breaks ORDER BY / GROUP BY ties, which differs per connection), the role and
-  the task's database are set again, and a fingerprint of every session variable is compared with the
-  one of a fresh connection. Any difference, or a connection that is gone: a fresh connection instead.
-  XA transactions an agent prepared (they outlive connections) are rolled back by the admin account
+  the task's database are set again, the gold runs, and then a fingerprint of every session variable
+  (the server's own list) and the role is compared with a fresh connection's. Any difference, or a
+  connection that is gone: the gold runs again on a fresh connection. XA transactions an agent
+  prepared (they outlive connections, with their row locks) are rolled back by the admin account
   when the episode ends.
 - Multiple statements per call are impossible: the client flag MULTI_STATEMENTS is off (and the
   RetroAct parser already cuts the SQL at the first ``;``).
@@ -103,6 +104,7 @@ class SqlRunner:
         self.db: str | None = None
         self._fp_sql: str | None = None       # the session fingerprint query (built on the first connection)
         self._baseline: tuple | None = None   # a fresh connection's fingerprint (md5, role)
+        self.dropped_stale_users: list[str] = []   # users of dead processes this runner dropped
         self.user, lock_fd = users.claim(info.state_dir)
         self._password = secrets.token_hex(16)
         self._finalizer = weakref.finalize(self, _drop_user, self._admin_kwargs, self.user, info.state_dir, lock_fd)
