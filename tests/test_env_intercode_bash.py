@@ -352,3 +352,24 @@ def test_bad_limits_fail_before_work():
         envs.make("intercode_bash", limits_mode="docker")
     with pytest.raises(EnvError, match="pids"):
         envs.make("intercode_bash", pids=2)
+
+
+def test_cgroup2_files_on_a_fake_hierarchy(tmp_path, monkeypatch):
+    # this project's machines have a v1 layout (the real-kernel tests above run there); the v2 file
+    # layout is checked on a plain directory standing in for the unified hierarchy
+    from envs.intercode_bash import cgroup
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu\n")
+    (tmp_path / cgroup.PARENT).mkdir()
+    (tmp_path / cgroup.PARENT / "cgroup.subtree_control").write_text("")
+    monkeypatch.setattr(cgroup, "_mounts", lambda: [("cgroup2", "/", str(tmp_path), {"rw"})])
+    cg = cgroup.EpisodeCgroup("cgroup2", 300 << 20, 40, 1.5)
+    (d,) = cg.dirs
+    assert os.path.dirname(d) == str(tmp_path / cgroup.PARENT)
+    read = lambda f: open(os.path.join(d, f)).read()               # noqa: E731
+    assert (read("memory.max"), read("pids.max"), read("cpu.max")) == (str(300 << 20), "40", "150000 100000")
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids"      # cpu was on
+    assert (tmp_path / cgroup.PARENT / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")
+    with pytest.raises(OSError, match="memory/pids"):
+        cgroup.EpisodeCgroup("cgroup2", 300 << 20, 40, 1.0)
