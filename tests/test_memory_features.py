@@ -139,3 +139,23 @@ def test_dot_product_backend_choice_and_bad_options():
         tiny(remat="some")
     with pytest.raises(ValueError, match="unknown options"):
         set_memory_options(Decoder.abstract(tiny()), attn="blockwise")
+
+
+def test_sampler_and_learner_share_the_placed_base_weights():
+    """With a mesh, the Learner places the frozen base once and the models take it: a sampler's
+    state split from the model afterwards holds the very same arrays (one copy on the devices)."""
+    from retroact_jax import sampling, sharding, train
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    model = _model(lora=True)
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    learner = train.Learner({"planner": model}, optimizer={"name": "sgd", "learning_rate": 0.1},
+                            rows={"planner": 1}, mesh=mesh)
+    placed = learner._frozen["planner"]["layers"][0]["mlp"]["up_proj"]["kernel"][...]
+    assert placed.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    model.eval()
+    sampler = sampling.Sampler(model, pad_id=0, eos_ids=(2,))
+    assert sampler.params["layers"][0]["mlp"]["up_proj"]["kernel"][...] is placed
+    assert model.layers[0].mlp.up_proj.kernel[...] is placed
+    _, out = sampler.sample([[5, 6, 7]], max_new_tokens=3)       # runs on the sharded weights
+    assert int(out.lengths_B[0]) == 3
