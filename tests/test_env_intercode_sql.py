@@ -362,7 +362,7 @@ def test_fuzz_untrusted_actions(server, env):
 
 # -- the gold runs on a session in the default state (issue: SET ... then an empty SELECT scored 99/100) --
 EMPTY = "execute[SELECT 1 FROM DUAL WHERE 1=0]"
-# every way we know for an agent to change its session; {db} = another task database
+# every way we know for an agent to change its session; {db} = another task database, {t} = a table
 SESSION_HACKS = [
     "SET SESSION max_join_size=1", "SET max_join_size=1", "SET @@max_join_size=1", "SET @@session.max_join_size=1",
     "SET LOCAL max_join_size=1", "SET @@local.max_join_size=1", "SET SESSION max_join_size=1, sql_mode='ANSI_QUOTES'",
@@ -371,10 +371,12 @@ SESSION_HACKS = [
     "SET sql_mode='PAD_CHAR_TO_FULL_LENGTH'", "SET NAMES latin1", "SET NAMES binary", "SET NAMES ascii",
     "SET CHARACTER SET latin1", "SET character_set_client=latin1", "SET character_set_connection=ascii",
     "SET character_set_results=latin1", "SET character_set_results=NULL", "SET collation_connection='utf8mb4_bin'",
+    "SET character_set_database=latin1", "SET character_set_server=latin1", "SET collation_server='latin1_bin'",
+    "SET rand_seed1=1, rand_seed2=2", "SET insert_id=7", "SET last_insert_id=7",
     "SET sql_select_limit=0", "SET @@sql_select_limit=1", "SET max_statement_time=0.000001", "SET autocommit=1",
     "SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE", "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED",
     "SET SESSION TRANSACTION READ ONLY", "START TRANSACTION READ ONLY", "START TRANSACTION WITH CONSISTENT SNAPSHOT",
-    "SET time_zone='+14:00'", "SET time_zone='-12:00'", "SET lc_time_names='de_DE'", "SET timestamp=1",
+    "SET time_zone='+13:00'", "SET time_zone='-12:00'", "SET lc_time_names='de_DE'", "SET timestamp=1",
     "SET div_precision_increment=0", "SET group_concat_max_len=4", "SET max_sort_length=4", "SET big_tables=1",
     "SET sort_buffer_size=1", "SET optimizer_switch='index_merge=off,derived_merge=off,in_to_exists=off'",
     "SET optimizer_search_depth=1", "SET join_cache_level=0", "SET tmp_table_size=1024", "SET max_heap_table_size=16384",
@@ -383,7 +385,7 @@ SESSION_HACKS = [
     "SET max_recursive_iterations=0", "SET lock_wait_timeout=1", "SET innodb_lock_wait_timeout=1",
     "SET net_read_timeout=1", "SET net_write_timeout=1", "SET max_error_count=0", "SET @x=1", "SET @@x=1",
     "SET ROLE NONE", "USE {db}", "USE information_schema", "PREPARE s FROM 'SELECT 1 FROM DUAL WHERE 1=0'",
-    "DO GET_LOCK('ic_lock', 0)", "SET STATEMENT max_join_size=1 FOR SELECT 1", "LOCK TABLES dual READ",
+    "DO GET_LOCK('ic_lock', 0)", "SET STATEMENT max_join_size=1 FOR SELECT 1", "LOCK TABLES {t} READ",
     "CREATE TEMPORARY TABLE t (a INT)", "SET PASSWORD = PASSWORD('evil')", "SET wait_timeout=1",
     ["XA START 'ic'", "XA END 'ic'", "XA PREPARE 'ic'"], ["XA START 'ic2'"],
     ["SET SESSION max_join_size=1", "SET sql_mode='ANSI_QUOTES'", "SET NAMES latin1", "USE {db}", "SET ROLE NONE"],
@@ -430,7 +432,7 @@ def test_every_session_change_scores_zero(env):
         for t in tasks:
             env.reset(t)
             for s in ([hack] if isinstance(hack, str) else hack):
-                obs, *_ = env.step("execute[" + s.format(db=other[t.data["db"]]) + "]")
+                obs, *_ = env.step("execute[" + s.format(db=other[t.data["db"]], t=next(iter(t.data["db_tables"]))) + "]")
             env.step(EMPTY)
             _, r, done, info = env.step("submit")
             assert done and r == 0.0 and info["gold_error"] is None, (hack, t.id, info)
@@ -448,7 +450,7 @@ def test_reset_restores_a_fresh_connections_session(server):
         base = r._fingerprint(r._cnx)
         for hack in SESSION_HACKS:
             for s in ([hack] if isinstance(hack, str) else hack):
-                r.execute(s.format(db="car_1"))
+                r.execute(s.format(db="car_1", t="city"))
             if hack == "SET wait_timeout=1":
                 continue
             assert r.reset_session("world_1") and r.session_is_default("world_1"), hack

@@ -48,9 +48,10 @@ TIMEOUT_S = 5.0
 BACKSTOP_S = 5.0                 # the watchdog / client read timeout fire this long after the server's limit
 COM_RESET_CONNECTION = 0x1F      # protocol command (MariaDB >= 10.2.4); pymysql has no public call for it
 # session variables left out of the fingerprint: they differ between two fresh connections of the same
-# user, or follow the last statement (read-only counters, the transaction a SELECT opens), not a setting
+# user, follow the last statement (read-only counters, the transaction a SELECT opens) or the current
+# database (USE sets them), not a setting. TIMESTAMP is checked against the clock instead.
 _NOT_SETTINGS = ("RAND_SEED1", "RAND_SEED2", "PSEUDO_THREAD_ID", "TIMESTAMP", "MAX_USER_CONNECTIONS",
-                 "WARNING_COUNT", "ERROR_COUNT", "IN_TRANSACTION")
+                 "WARNING_COUNT", "ERROR_COUNT", "IN_TRANSACTION", "CHARACTER_SET_DATABASE", "COLLATION_DATABASE")
 
 Rows = list[tuple]
 Result = Any   # Rows (a result set), None (a statement without one), or str (an error observation)
@@ -103,7 +104,7 @@ class SqlRunner:
         self._cnx = None
         self.db: str | None = None
         self._fp_sql: str | None = None       # the session fingerprint query (built on the first connection)
-        self._baseline: tuple | None = None   # a fresh connection's fingerprint (md5, role)
+        self._baseline: tuple | None = None   # a fresh connection's fingerprint (md5, role, clock unset)
         self.dropped_stale_users: list[str] = []   # users of dead processes this runner dropped
         self.user, lock_fd = users.claim(info.state_dir)
         self._password = secrets.token_hex(16)
@@ -175,7 +176,7 @@ class SqlRunner:
             else:
                 raise
         if self._baseline is None:
-            self._baseline = self._fingerprint(cnx)[:2]
+            self._baseline = self._fingerprint(cnx)[:3]
         return cnx
 
     def end_episode(self) -> None:
@@ -214,7 +215,7 @@ class SqlRunner:
             cur.execute(f"SET SESSION max_statement_time={self.timeout_s:g}, sql_select_limit={self.row_cap + 1}")
 
     def _fingerprint(self, cnx) -> tuple:
-        """(md5 of every session variable's value but ``_NOT_SETTINGS``, role, database), after
+        """(md5 of every session variable's value but ``_NOT_SETTINGS``, role, clock unset, database), after
         the limits every statement gets. The variables are the server's own list
         (information_schema.SYSTEM_VARIABLES, all but GLOBAL scope), read once on a fresh connection."""
         with cnx.cursor(pymysql.cursors.Cursor) as cur:
@@ -223,7 +224,8 @@ class SqlRunner:
                             "WHERE VARIABLE_SCOPE <> 'GLOBAL' ORDER BY VARIABLE_NAME")
                 names = [n for (n,) in cur.fetchall() if n.upper() not in _NOT_SETTINGS]
                 values = ", ".join(f"COALESCE(@@session.`{n}`, 'NULL')" for n in names)
-                self._fp_sql = f"SELECT MD5(CONCAT_WS(0x0a, {values})), CURRENT_ROLE(), DATABASE()"
+                self._fp_sql = (f"SELECT MD5(CONCAT_WS(0x0a, {values})), CURRENT_ROLE(), "   # + the clock not set:
+                                "ABS(@@session.timestamp - UNIX_TIMESTAMP(SYSDATE(6))) < 60, DATABASE()")
         self._apply_limits(cnx)
         with cnx.cursor(pymysql.cursors.Cursor) as cur:
             cur.execute(self._fp_sql)
@@ -325,7 +327,7 @@ class SqlRunner:
         except Exception:  # noqa: BLE001
             self._drop(cnx)
             return False
-        if fp[:2] != self._baseline or str(fp[2]).lower() != db.lower():
+        if fp[:3] != self._baseline or str(fp[3]).lower() != db.lower():
             self._drop(cnx)
             return False
         return True
