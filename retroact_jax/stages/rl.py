@@ -98,7 +98,7 @@ def default_config() -> mlc.ConfigDict:
     c.replay.drop_zero_reward = True  # the original filter_json
     c.replay.max_chars = 5000         # the original filter_null (0: off)
     c.replay.max_tokens = 2048        # drop rows longer than this (0: off; else rows are cut at the bucket)
-    c.il_data = mlc.ConfigDict()      # the IL regulariser's data (rl/il_stage.load_samples sources)
+    c.il_data = mlc.ConfigDict()      # the IL regulariser's data (stages/il.load_samples sources)
     c.il_data.released = ""           # alfworld_il | intercode_il (comma list)
     c.il_data.expert_envs = ""        # expert rollouts (cached in <expert_workdir>/expert)
     c.il_data.expert_workdir = ""     # "" = this stage's workdir; the pipeline: the IL stage's
@@ -137,6 +137,7 @@ def default_config() -> mlc.ConfigDict:
     c.loss.il_normalization = "positions"
     c.loss.il_coef = 1.0              # lambda
     c.loss.role_pooling = "per_role"
+    c.loss.behaviour_dtype = "float32"  # float32 (exact) | bfloat16 (the original collator's rounding)
     c.optimizer = mlc.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.kwargs = mlc.ConfigDict({"weight_decay": 0.0})
