@@ -41,7 +41,7 @@ from retroact_jax import losses
 SPAN_KINDS = ("prompt", "generated", "observation")
 KIND_PAD, KIND_PROMPT, KIND_GENERATED, KIND_OBSERVATION = -1, 0, 1, 2
 _KIND_ID = {"prompt": KIND_PROMPT, "generated": KIND_GENERATED, "observation": KIND_OBSERVATION}
-ROLES = {"planner": losses.ROLE_PLANNER, "reflector": losses.ROLE_REFLECTOR}
+ROLES = {r: i for i, r in enumerate(losses.ROLES)}      # role -> id (losses.ROLES)
 OBJECTIVES = {"il": losses.OBJECTIVE_IL, "rl": losses.OBJECTIVE_RL}
 OBSERVATION_MODES = ("trained", "masked")
 PADDINGS = ("right", "left")

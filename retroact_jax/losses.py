@@ -36,7 +36,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-ROLE_PLANNER, ROLE_REFLECTOR = 0, 1
+ROLES = ("planner", "reflector")   # the one role encoding: a role's id in batches is its index
+ROLE_PLANNER, ROLE_REFLECTOR = ROLES.index("planner"), ROLES.index("reflector")
 OBJECTIVE_IL, OBJECTIVE_RL = 0, 1
 
 RL_VARIANTS = ("detached_clip", "paper_clip", "ppo_clip", "rlmec_min")

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from retroact_jax import batching, losses, optim, sharding
 
-ROLES = ("planner", "reflector")
+ROLES = losses.ROLES
 TRACES: collections.Counter = collections.Counter()   # times each step function was traced
 
 

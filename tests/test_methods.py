@@ -158,3 +158,14 @@ def test_rl_schedule_presets():
     assert (c.train.iterations, c.train.epochs, c.optimizer.schedule) == rl.SCHEDULES["original"]
     rl.apply_schedule(c, "iterated")
     assert (c.train.iterations, c.train.epochs, c.optimizer.schedule) == (3, 1, "constant")
+
+
+def test_public_api_and_method_table():
+    import retroact_jax
+    from retroact_jax.stages import methods
+    assert retroact_jax.run is pipeline.run and retroact_jax.validate is validate.validate
+    assert list(retroact_jax.METHODS) == ["react", "reflexion", "sft", "sft_ei", "sft_rl", "retroact"]
+    assert [m.eval_trials(10) for m in methods.METHODS.values()] == [1, 10, 1, 1, 1, 10]
+    assert retroact_jax.benchmark("intercode_sql").primary == "reward"
+    with pytest.raises(AttributeError):
+        retroact_jax.no_such_name

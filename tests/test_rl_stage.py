@@ -209,3 +209,18 @@ def test_config_errors_name_the_key(tiny_models):
     with pytest.raises(stages.StageError, match="il_rows_planner"):
         rl_stage.run_rl(c, tiny_models / "y")
     assert losses.LossConfig().epsilon == 0.3
+
+
+@pytest.mark.slow
+def test_original_schedule_decays_linearly_over_the_run(tiny_models):
+    c = _config(tiny_models, 1)                # one collection round ...
+    c.train.epochs = 2                         # ... several epochs over it, lr decayed to 0 (original)
+    c.optimizer.schedule = "linear"
+    c.eval.every = 0
+    c.train.log_every = 1
+    s = rl_stage.run_rl(c, tiny_models / "lin")
+    total = json.loads((tiny_models / "lin" / "schedule.json").read_text())["total_steps"]
+    assert total == s["steps"] == 2 * 4
+    lrs = [r["lr_planner"] for r in metrics.read_jsonl(tiny_models / "lin" / "metrics.jsonl")
+           if r["split"] == "train"]
+    assert len(lrs) == 8 and lrs[0] <= 1e-3 and lrs[-1] < 2e-4 and lrs == sorted(lrs, reverse=True)

@@ -99,16 +99,27 @@ def tokenize(samples: Sequence[batching.Sample], tokenizer, eos_id: int | None):
     return [batching.tokenize_sample(s, tokenizer, eos_id=eos_id) for s in samples]
 
 
+def with_behaviour(ts: batching.TokenizedSample, scored: batching.Sample) -> batching.TokenizedSample:
+    """``ts`` (the tokenisation that was scored) carrying ``scored``'s behaviour log-probs, one per
+    non-prompt token: the training row without tokenising the sample again."""
+    nonprompt = ts.kinds != batching.KIND_PROMPT
+    beh = np.zeros(len(ts), np.float32)
+    beh[nonprompt] = np.asarray(scored.behaviour_logp, np.float32)
+    return dataclasses.replace(ts, sample=scored, behaviour_logp=beh, behaviour_mask=nonprompt)
+
+
 def score_behaviour(samples: Sequence[batching.Sample], scorers: Mapping[str, Any], tokenizer, *,
                     eos_id: int | None, records: Sequence[Mapping[str, Any]] = (),
-                    batch_rows: int = 8) -> tuple[list[batching.Sample], list[int], dict[str, float]]:
+                    batch_rows: int = 8, tokenized: Sequence[batching.TokenizedSample] | None = None,
+                    ) -> tuple[list[batching.Sample], list[int], dict[str, float]]:
     """Behaviour log-probs for ``samples`` (``scorers[role]``: a ``scoring.Scorer`` holding the
     parameters that collected them). Returns (samples with ``behaviour_logp``, token counts, health).
 
     ``records``: the trial records the samples came from, for the sampler-vs-scorer comparison.
+    ``tokenized``: the samples' tokenisation when the caller has it (a sample is tokenised once).
     """
     spans_of = _record_spans(records)
-    tss = tokenize(samples, tokenizer, eos_id)
+    tss = list(tokenized) if tokenized is not None else tokenize(samples, tokenizer, eos_id)
     order = sorted(range(len(tss)), key=lambda i: len(tss[i]))
     out: list[batching.Sample | None] = [None] * len(samples)
     gaps: list[np.ndarray] = []

@@ -34,10 +34,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from retroact_jax import batching
+from retroact_jax import batching, losses
 from retroact_jax.stages import samples as samples_lib
 
-ROLES = ("planner", "reflector")
+ROLES = losses.ROLES
 FORMAT = 1
 
 

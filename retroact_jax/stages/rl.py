@@ -204,16 +204,18 @@ def score(s: RLState, records: list[dict], summary: dict) -> None:
     stop = tuple(protocols.protocol_for(c.env).reflector_stop)
     kept, rejected = replay_lib.admit(samples, s.buffer.cfg, [len(x) for x in tss], stop=stop)
     samples = [samples[i] for i in kept]
+    tss = [tss[i] for i in kept]
     health: dict[str, float] = {}
-    if s.ei:
-        n_tok = [len(tss[i]) for i in kept]
-    else:
-        samples, n_tok, health = collect_lib.score_behaviour(
+    if not s.ei:
+        samples, _, health = collect_lib.score_behaviour(
             samples, {r: s.behaviour[r].scorer for r in s.roles}, tok, eos_id=s.eos, records=records,
-            batch_rows=int(c.collect.score_rows))
+            batch_rows=int(c.collect.score_rows), tokenized=tss)
+        tss = [collect_lib.with_behaviour(x, y) for x, y in zip(tss, samples)]
         if not (float(c.collect.temperature) == 1.0 and float(c.collect.top_p) == 1.0):
             health = {a: b for a, b in health.items() if not a.startswith("behaviour_gap")}
-    s.buffer.add(samples, k, n_tok)
+    first = s.buffer.next_uid
+    s.buffer.add(samples, k, [len(x) for x in tss])
+    s.tokenized.update({first + i: x for i, x in enumerate(tss)})   # training reuses these rows
     s.replay_ref = behaviour_lib.save_buffer(s.workdir / "replay", k, s.buffer)
     live = {e.uid for es in s.buffer.entries.values() for e in es}
     s.tokenized = {u: x for u, x in s.tokenized.items() if u in live}

@@ -180,6 +180,10 @@ def save(s: RLState, done: bool) -> None:
 def fix_schedule(s: RLState, steps_per_iteration: int) -> None:
     """First iteration of a run whose lr horizon depends on the buffer: record it, then start."""
     total = max(1, steps_per_iteration * int(s.c.train.iterations))
+    if int(s.c.optimizer.warmup_steps) >= total:
+        raise StageError(f"config.rl.optimizer.warmup_steps={s.c.optimizer.warmup_steps} must be below the RL "
+                         f"run's {total} steps (iterations x the first iteration's steps): lower it, or set "
+                         "optimizer.total_steps, or optimizer.schedule=constant")
     setup.write_json_atomic(s.workdir / "schedule.json", {"total_steps": total})
     log.info("RL lr schedule: %d steps (%d iterations x %d)", total, int(s.c.train.iterations),
              steps_per_iteration)

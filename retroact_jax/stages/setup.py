@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from retroact_jax import checkpoint as ckpt_lib
-from retroact_jax import losses, testing, train
+from retroact_jax import batching, losses, testing, train
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def eval_loss(learner: train.Learner, arrays: Mapping[str, np.ndarray]) -> dict[
     mask = np.asarray(arrays["loss_mask_BxT"], bool)
     nll = -np.asarray(logp, np.float64)
     role_B = np.asarray(arrays["role_B"])
-    for role, rid in (("planner", losses.ROLE_PLANNER), ("reflector", losses.ROLE_REFLECTOR)):
+    for role, rid in batching.ROLES.items():
         m_r = mask & (role_B == rid)[:, None]
         out[f"nll_sum_{role}"] = float(np.sum(np.where(m_r, nll, 0.0)))
         out[f"nll_tokens_{role}"] = int(m_r.sum())

@@ -126,7 +126,8 @@ def il_data(d: Any, prefix: str, roles: Iterable[str]) -> None:
         if not pathlib.Path(f).is_file():
             raise _fail(f"{prefix}files", d.files, f"{f} is not a file")
     if roles and not (as_list(d.released) or as_list(d.expert_envs) or as_list(d.files)):
-        raise ConfigError(f"config.{prefix}: no IL data (released, expert_envs and files are empty)")
+        raise ConfigError(f"config.{prefix.rstrip('.')}: no IL data for this env (released, expert_envs "
+                          "and files are all empty)")
     if not 0.0 <= d.expert_reflect_fraction <= 1.0:
         raise _fail(f"{prefix}expert_reflect_fraction", d.expert_reflect_fraction, "must be in [0, 1]")
     _at_least(d, prefix, ("expert_batch_size", "expert_env_workers"), 1)
