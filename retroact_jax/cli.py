@@ -96,11 +96,11 @@ def load_config(flag) -> Any:
 
 
 def _drop_default_weight_decay(c: Any) -> None:
-    import optax
     explicit = {(p, n) for p, n, _ in _taken}
     for path in ("il", "rl"):
-        if path not in c or (path, "weight_decay") in explicit:
-            continue
+        if path not in c or (path, "weight_decay") in explicit or c[path].optimizer.name == "adamw":
+            continue                       # adamw (the default) takes it; optax loads only if needed
+        import optax
         o = c[path].optimizer
         fn = getattr(optax, o.name, None)
         if fn is not None and "weight_decay" in o.kwargs and \

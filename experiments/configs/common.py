@@ -14,7 +14,7 @@ _DERIVED_MODEL = ("planner", "reflector", "multi_agent", "param_dtype")
 
 
 def base(env: str) -> mlc.ConfigDict:
-    from retroact_jax.stages import il, rl
+    from retroact_jax.stages import configs
     c = mlc.ConfigDict()
     c.env = env                      # hotpotqa | alfworld | intercode_sql | intercode_bash
     c.split = ""                     # evaluation split ("" = the paper's: test / valid_unseen)
@@ -52,10 +52,10 @@ def base(env: str) -> mlc.ConfigDict:
     c.eval.num_examples = 2          # few-shot exemplars (react / reflexion)
     c.eval.progress = True           # tqdm progress bar
 
-    # The training stages' own fields (retroact_jax/stages/{il,rl}.py); their model sources, roles,
+    # The training stages' own fields (retroact_jax/stages/configs.py); their model sources, roles,
     # RL method and data sources are derived per method at run time (stages/pipeline.py).
-    c.il = il.default_config()
-    c.rl = rl.default_config()
+    c.il = configs.il_config()
+    c.rl = configs.rl_config()
     for stage in (c.il, c.rl):
         for k in _DERIVED_MODEL:
             del stage.model[k]

@@ -5,8 +5,14 @@
   update, evaluate), with ``collect``, ``replay``, ``samples`` and ``expert`` beside it;
 * ``evaluate``: trials of the trained (or prompted) agent on the test split, Table 2 outputs;
 * ``methods`` / ``pipeline``: each method of the paper as a whole pipeline of these stages, and
-  several methods into one table.
+  several methods into one table;
+* ``configs`` / ``validate``: the default configs and the checks of a whole run's config, both
+  importable without JAX (so a mistake is reported in a moment).
 """
-from retroact_jax.stages.setup import StageError
+
+
+class StageError(RuntimeError):
+    """A stage cannot run as configured (named with the config key), or its workdir disagrees."""
+
 
 __all__ = ("StageError",)

@@ -16,9 +16,8 @@ import pathlib
 from typing import Any
 
 from retroact_jax import benchmarks, evaluation
+from retroact_jax.stages import StageError
 from retroact_jax.stages import methods as methods_lib
-from retroact_jax.stages import setup
-from retroact_jax.stages.setup import StageError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,7 @@ def _policy(source: str, lora: str, c: Any, cache: dict):
     """An LMPolicy over (model source, LoRA adapter); one model per distinct pair."""
     from retroact_jax import sampling
     from retroact_jax.agent.lm_policy import LMPolicy
+    from retroact_jax.stages import setup
     if (source, lora) not in cache:
         model, tok, _ = setup.load_one(source, c.model.param_dtype, 0)
         if lora:

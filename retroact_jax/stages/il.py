@@ -38,80 +38,17 @@ import math
 import pathlib
 from typing import Any, Mapping
 
-import ml_collections as mlc
 import numpy as np
 
 from retroact_jax import batching, losses, metrics as metrics_lib, train
 from retroact_jax.stages import expert as expert_lib
 from retroact_jax.stages import samples as samples_lib
 from retroact_jax.stages import setup
-from retroact_jax.stages.setup import StageError, as_list as _list, to_dict as _to_dict
+from retroact_jax.stages.configs import as_list as _list, il_config as default_config, to_dict as _to_dict
+from retroact_jax.stages.setup import StageError
 
 STAGE = "il"
 log = logging.getLogger(__name__)
-
-
-def default_config() -> mlc.ConfigDict:
-    """IL defaults = RetroAct's (docs/paper.md §4): LoRA r 8 / alpha 16 / dropout 0.05 on q, v; lr 1e-4,
-    100 warmup steps, linear decay, AdamW without weight decay, clip 1.0; 5 epochs; batch 1 per role."""
-    c = mlc.ConfigDict()
-    c.seed = 0                        # data order, held-out split, LoRA init, expert task subset
-    c.model = mlc.ConfigDict()
-    c.model.planner = "embedded"      # "embedded" | HF dir | .gguf | "tiny-random" (tests)
-    c.model.reflector = ""            # "" = the planner's source
-    c.model.multi_agent = True        # two models (planner, reflector); False: one shared model
-    c.model.param_dtype = "float32"   # float32 (CPU) | bfloat16 (accelerators)
-    c.model.lora = True               # LoRA adapters (False: full fine-tuning)
-    c.model.lora_rank = 8
-    c.model.lora_alpha = 16.0
-    c.model.lora_dropout = 0.05
-    c.model.lora_targets = "q_proj,v_proj"
-    c.data = mlc.ConfigDict()
-    c.data.roles = "planner,reflector"  # roles trained
-    c.data.released = "alfworld_il"   # comma list of released files ("" none): alfworld_il, intercode_il
-    c.data.expert_envs = ""           # comma list: hotpotqa, alfworld, intercode_sql ("" none)
-    c.data.expert_tasks = 100         # tasks per expert env (seeded subset of the train split)
-    c.data.expert_reflect_fraction = 0.3  # expert tasks failing trial 1 on purpose (reflector data)
-    c.data.expert_batch_size = 8
-    c.data.expert_env_workers = 4
-    c.data.files = ""                 # comma list of sample JSONL files
-    c.data.empty_reflections = "keep"  # released InterCode rows with empty reflections: keep | skip
-    c.data.append_eos = True          # train input + output + eos (the original)
-    c.data.max_tokens = 2048          # the original's cutoff_len
-    c.data.long_rows = "truncate"     # truncate (original) | drop rows over max_tokens
-    c.data.max_rows_per_role = 0      # cap on training rows per role after shuffling (0: all)
-    c.data.eval_rows = 16             # held-out rows per role (eval loss)
-    c.train = mlc.ConfigDict()
-    c.train.epochs = 5
-    c.train.max_steps = 0             # stop after this many steps (0: the epochs decide)
-    c.train.rows_planner = 1          # planner rows per step (the original: batch 1)
-    c.train.rows_reflector = 1
-    c.train.buckets = "256,512,1024,2048"  # padded row lengths (one compile each)
-    c.train.observations = "trained"  # trained (original: whole output) | masked
-    c.train.mesh = ""                 # e.g. "data=2,fsdp=-1" ("" single device)
-    c.train.log_every = 10
-    c.train.eval_every = 200          # held-out loss every N steps (and before / after); 0 off
-    c.train.checkpoint_every = 200
-    c.train.keep_checkpoints = 2
-    c.train.progress = True
-    c.train.peak_flops = 0.0          # per-device peak for MFU (0: known accelerators only)
-    c.train.tensorboard = True
-    c.loss = mlc.ConfigDict()
-    c.loss.il_normalization = "tokens"  # tokens (original SFT: HF mean over label tokens) | positions
-    c.optimizer = mlc.ConfigDict()
-    c.optimizer.name = "adamw"
-    c.optimizer.kwargs = mlc.ConfigDict({"weight_decay": 0.0})  # HF Trainer default
-    c.optimizer.learning_rate = 1e-4
-    c.optimizer.schedule = "linear"
-    c.optimizer.warmup_steps = 100
-    c.optimizer.total_steps = 0       # 0: the stage's step count (/ accumulate_steps)
-    c.optimizer.end_lr_ratio = 0.0
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.accumulate_steps = 1
-    c.export = mlc.ConfigDict()
-    c.export.enabled = True           # HF safetensors (LoRA merged) + PEFT adapters at the end
-    c.export.dtype = ""               # "" keep, or bfloat16 / float32
-    return c
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -26,7 +26,7 @@ import ml_collections as mlc
 
 from retroact_jax import benchmarks, evaluation
 from retroact_jax.stages import evaluate, methods as methods_lib
-from retroact_jax.stages.setup import as_list
+from retroact_jax.stages.configs import apply_schedule, as_list
 
 log = logging.getLogger(__name__)
 MODEL_FIELDS = ("planner", "reflector", "multi_agent", "param_dtype")   # set per run, not per stage
@@ -85,8 +85,7 @@ def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
             sc.il_data[k] = c.il.data[k]
     _il_data(c, sc.il_data)
     if c.rl_schedule:
-        from retroact_jax.stages import rl
-        rl.apply_schedule(sc, c.rl_schedule)
+        apply_schedule(sc, c.rl_schedule)
     return sc
 
 

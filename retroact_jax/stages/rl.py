@@ -35,7 +35,6 @@ import logging
 import pathlib
 from typing import Any
 
-import ml_collections as mlc
 import numpy as np
 
 from retroact_jax import batching, train
@@ -43,122 +42,10 @@ from retroact_jax.stages import behaviour as behaviour_lib
 from retroact_jax.stages import collect as collect_lib
 from retroact_jax.stages import replay as replay_lib
 from retroact_jax.stages import setup
+from retroact_jax.stages.configs import SCHEDULES, apply_schedule, rl_config as default_config
 from retroact_jax.stages.rl_state import (METHODS, STAGE, RLState, StageError, fix_schedule, init,
                                           log_metrics, refresh, save, seed_of)
-# (train.iterations, train.epochs, optimizer.schedule) of the two schedules worth naming
-SCHEDULES = {"original": (1, 3, "linear"), "iterated": (3, 1, "constant")}
 log = logging.getLogger(__name__)
-
-
-def apply_schedule(c: Any, name: str) -> None:
-    """Set ``train.iterations``, ``train.epochs`` and ``optimizer.schedule`` to a named schedule."""
-    if name not in SCHEDULES:
-        raise StageError(f"RL schedule {name!r}: choose one of {sorted(SCHEDULES)}")
-    c.train.iterations, c.train.epochs, c.optimizer.schedule = SCHEDULES[name]
-
-
-def default_config() -> mlc.ConfigDict:
-    c = mlc.ConfigDict()
-    c.seed = 0                        # task stream, rollout seeds, buffer order, IL draws, LoRA init
-    c.method = "retroact"             # retroact (both roles, reflector in the loop) | sft_rl (planner
-                                      #   only, no reflector) | sft_ei (expert iteration of the planner)
-    c.env = "hotpotqa"                # hotpotqa | alfworld | intercode_sql | intercode_bash
-    c.model = mlc.ConfigDict()
-    c.model.planner = "embedded"      # the SFT planner: an HF dir (IL export), .gguf, "embedded", "tiny-random"
-    c.model.reflector = ""            # "" = the planner's source
-    c.model.multi_agent = True        # False: single agent, one model with shared parameters
-    c.model.param_dtype = "float32"
-    c.model.lora = True               # fresh LoRA on the SFT weights (the original); False: full fine-tune
-    c.model.lora_rank = 8
-    c.model.lora_alpha = 16.0
-    c.model.lora_dropout = 0.05
-    c.model.lora_targets = "q_proj,v_proj"
-    c.collect = mlc.ConfigDict()
-    c.collect.split = "train"
-    c.collect.tasks_per_iteration = 0  # tasks rolled out per iteration (0: the whole train split)
-    c.collect.trials = 10             # K trials per task (reflections between them); 1 without a reflector
-    c.collect.temperature = 1.0       # exploration temperature (docs/paper.md §4)
-    c.collect.reflector_temperature = 1.0
-    c.collect.top_p = 1.0
-    c.collect.batch_size = 8          # tasks in flight
-    c.collect.env_workers = 4
-    c.collect.env_backend = ""        # "" = the env's default (ALFWorld processes, else threads)
-    c.collect.max_steps = 0           # 0: the env's default
-    c.collect.planner_max_tokens = 0  # 0: the protocol's default
-    c.collect.reflector_max_tokens = 0
-    c.collect.score_rows = 8          # rows per behaviour-scoring call
-    c.collect.batch_buckets = ""      # sampler / scorer shape buckets, comma lists ("" = powers of two);
-    c.collect.chunk_buckets = ""      #   fewer buckets = fewer compilations, more padding
-    c.collect.cache_buckets = ""      #   (KV-cache lengths)
-    c.collect.new_token_buckets = ""
-    c.collect.score_buckets = ""      #   (behaviour scoring: sequence lengths)
-    c.replay = mlc.ConfigDict()
-    c.replay.capacity = 0             # entries per role (0: unbounded), FIFO beyond it
-    c.replay.max_age = 0              # iterations an entry stays (1: latest collection only; 0: forever)
-    c.replay.drop_zero_reward = True  # the original filter_json
-    c.replay.max_chars = 5000         # the original filter_null (0: off)
-    c.replay.max_tokens = 2048        # drop rows longer than this (0: off; else rows are cut at the bucket)
-    c.il_data = mlc.ConfigDict()      # the IL regulariser's data (stages/il.load_samples sources)
-    c.il_data.released = ""           # alfworld_il | intercode_il (comma list)
-    c.il_data.expert_envs = ""        # expert rollouts (cached in <expert_workdir>/expert)
-    c.il_data.expert_workdir = ""     # "" = this stage's workdir; the pipeline: the IL stage's
-    c.il_data.expert_tasks = 100
-    c.il_data.expert_reflect_fraction = 0.3
-    c.il_data.expert_batch_size = 8
-    c.il_data.expert_env_workers = 4
-    c.il_data.files = ""              # sample JSONL files, e.g. <il_workdir>/expert/<env>/il_samples.jsonl
-    c.il_data.empty_reflections = "keep"
-    c.train = mlc.ConfigDict()
-    # The schedule of the original code (SCHEDULES["original"]): one collection round, 3 epochs over
-    # it, lr linearly decayed to 0 over those steps after 100 warmup steps (HF Trainer's default).
-    # The paper does not state the number of iterations. SCHEDULES["iterated"]: 3 x 1, constant lr.
-    c.train.iterations = 1            # RL iterations (collect + update)
-    c.train.epochs = 3                # passes over the buffer per iteration
-    c.train.rows_planner = 1          # RL rows per step (the original: batch 1)
-    c.train.rows_reflector = 1
-    c.train.il_rows_planner = 1       # IL regulariser rows per step with planner RL rows (1:1 as the original)
-    c.train.il_rows_reflector = 1
-    c.train.append_eos = True         # train input + output + eos (the original)
-    c.train.buckets = "256,512,1024,2048"
-    c.train.observations = "trained"  # trained (original) | masked
-    c.train.reflector_reward = "delta_scaled"  # delta_scaled (original code) | delta (paper Eq. 6)
-    c.train.alpha = 1.0               # reflector reward coefficient
-    c.train.mesh = ""
-    c.train.log_every = 10
-    c.train.checkpoint_every = 200    # also at the end of every iteration
-    c.train.keep_checkpoints = 2
-    c.train.progress = True
-    c.train.tensorboard = True
-    c.train.peak_flops = 0.0
-    c.loss = mlc.ConfigDict()
-    c.loss.rl_variant = "detached_clip"  # detached_clip (original) | paper_clip | ppo_clip | rlmec_min
-    c.loss.epsilon = 0.3
-    c.loss.rl_normalization = "positions"
-    c.loss.il_normalization = "positions"
-    c.loss.il_coef = 1.0              # lambda
-    c.loss.role_pooling = "per_role"
-    c.loss.behaviour_dtype = "float32"  # float32 (exact) | bfloat16 (the original collator's rounding)
-    c.optimizer = mlc.ConfigDict()
-    c.optimizer.name = "adamw"
-    c.optimizer.kwargs = mlc.ConfigDict({"weight_decay": 0.0})
-    c.optimizer.learning_rate = 1e-4
-    c.optimizer.schedule = "linear"   # linear | cosine | constant
-    c.optimizer.warmup_steps = 100
-    c.optimizer.total_steps = 0       # 0: iterations x the step count of iteration 1 (schedule.json)
-    c.optimizer.end_lr_ratio = 0.0
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.accumulate_steps = 1
-    c.eval = mlc.ConfigDict()
-    c.eval.every = 0                  # evaluate after every n-th iteration (0: off); agent limits = collect's
-    c.eval.split = "test"
-    c.eval.num_tasks = 100
-    c.eval.trials = 10
-    c.eval.batch_size = 8
-    c.eval.temperature = 0.0
-    c.export = mlc.ConfigDict()
-    c.export.enabled = True
-    c.export.dtype = ""
-    return c
 
 
 # ------------------------------------------------------------------------------ Algorithm 1 steps
@@ -362,3 +249,7 @@ def read_buffer(workdir: str | pathlib.Path) -> replay_lib.ReplayBuffer:
     _, meta = setup.read_checkpoint(workdir)
     return behaviour_lib.load_buffer(pathlib.Path(workdir) / "replay" / meta["replay_file"],
                                      meta["replay_sha256"], None)
+
+
+__all__ = ("default_config", "run_rl", "trained_params", "read_buffer", "METHODS", "SCHEDULES",
+           "apply_schedule", "RLState")

@@ -35,24 +35,13 @@ from flax import nnx
 
 from retroact_jax import checkpoint as ckpt_lib
 from retroact_jax import batching, losses, testing, train
+from retroact_jax.stages import StageError
+from retroact_jax.stages.configs import as_list, to_dict
 
 log = logging.getLogger(__name__)
 
 
-class StageError(RuntimeError):
-    """A stage cannot run as configured (named with the config key), or its workdir disagrees."""
-
-
 # ------------------------------------------------------------------------------------------ config
-def as_list(s: Any) -> list[str]:
-    """A comma-separated config string as a list of its non-empty, stripped items."""
-    return [x.strip() for x in str(s).split(",") if x.strip()]
-
-
-def to_dict(c: Any) -> dict:
-    return c.to_dict() if hasattr(c, "to_dict") else json.loads(json.dumps(c))
-
-
 def lora_config(m: Any):
     """The ``LoRAConfig`` of a stage's ``model`` block, or None for full fine-tuning."""
     if not m.lora:

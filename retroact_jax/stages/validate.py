@@ -1,6 +1,8 @@
 """Every stage's config checked before the first stage starts: one error naming the key, its value
 and what is allowed (``ConfigError``). Run-time fields (the env's IL data, model sources, roles)
 are derived first (``pipeline.stage_config``), so what is checked is what the stages will run.
+The plain checks run first without JAX; the loss, optimizer and released-file names, which need
+the library's modules (JAX, optax), are checked after them (``libraries``).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any, Iterable
 
 from retroact_jax import benchmarks
 from retroact_jax.stages import methods as methods_lib
-from retroact_jax.stages.setup import as_list
+from retroact_jax.stages.configs import SCHEDULES, as_list
 
 POLICIES = ("lm", "scripted-gold")
 BACKENDS = ("threads", "processes")
@@ -72,9 +74,8 @@ def top_level(c: Any) -> None:
     _choice(c, "", "model.policy", POLICIES)
     if c.model.policy == "scripted-gold" and as_list(c.stages) != ["eval"]:
         raise _fail("stages", c.stages, "model.policy=scripted-gold plays the gold script: set stages=eval")
-    from retroact_jax.stages import rl
-    if c.rl_schedule and c.rl_schedule not in rl.SCHEDULES:
-        raise _fail("rl_schedule", c.rl_schedule, f"'' or one of {', '.join(rl.SCHEDULES)}")
+    if c.rl_schedule and c.rl_schedule not in SCHEDULES:
+        raise _fail("rl_schedule", c.rl_schedule, f"'' or one of {', '.join(SCHEDULES)}")
     _at_least(c, "", ("eval.trials", "eval.batch_size", "eval.env_workers"), 1)
     _at_least(c, "", ("eval.num_tasks", "eval.start_task", "eval.max_steps", "eval.planner_max_tokens",
                       "eval.reflector_max_tokens", "eval.num_examples", "eval.temperature",
@@ -112,12 +113,15 @@ def model(mc: Any, prefix: str) -> None:
             raise _fail(f"{prefix}lora_targets", mc.lora_targets, "a comma list of module names")
 
 
-def il_data(d: Any, prefix: str, roles: Iterable[str]) -> None:
+def released(d: Any, prefix: str) -> None:
     from retroact_jax import released_data
     for name in as_list(d.released):
         if name not in released_data.FILES or released_data.FILES[name][2] != "il":
             il_files = [k for k, v in released_data.FILES.items() if v[2] == "il"]
             raise _fail(f"{prefix}released", d.released, f"a comma list of {', '.join(il_files)}")
+
+
+def il_data(d: Any, prefix: str, roles: Iterable[str]) -> None:
     for env in as_list(d.expert_envs):
         if env not in benchmarks.NAMES or not benchmarks.get(env).train_split:
             ok = [n for n in benchmarks.NAMES if benchmarks.get(n).train_split]
@@ -150,12 +154,9 @@ def il_stage(sc: Any) -> None:
     if o.schedule != "constant" and 0 < steps <= o.warmup_steps:
         raise _fail(f"{p}optimizer.warmup_steps", o.warmup_steps,
                     f"must be below the stage's {steps} steps (or optimizer.schedule=constant)")
-    loss(sc.loss, p)
-    optimizer(sc.optimizer, p)
 
 
 def rl_stage(sc: Any) -> None:
-    from retroact_jax.stages import replay
     p = "rl."
     model(sc.model, p + "model.")
     _at_least(sc, p, ("train.iterations", "train.epochs", "train.rows_planner", "train.rows_reflector",
@@ -177,12 +178,21 @@ def rl_stage(sc: Any) -> None:
     _buckets(sc, p, "train.buckets")
     for k in ("batch_buckets", "chunk_buckets", "cache_buckets", "new_token_buckets", "score_buckets"):
         _buckets(sc, p, f"collect.{k}", allow_empty=True)
-    try:
-        replay.ReplayConfig.from_mapping(sc.replay.to_dict())
-    except (replay.ReplayError, TypeError) as e:
-        raise ConfigError(f"config.{p}replay: {e}") from None
-    if sc.loss.il_coef and (sc.train.il_rows_planner or sc.train.il_rows_reflector) and sc.method != "sft_ei":
+    _at_least(sc, p, ("replay.capacity", "replay.max_age", "replay.max_chars", "replay.max_tokens"), 0)
+    if uses_il_data(sc):
         il_data(sc.il_data, p + "il_data.", ["planner"])
+
+
+def uses_il_data(sc: Any) -> bool:
+    return bool(sc.loss.il_coef and (sc.train.il_rows_planner or sc.train.il_rows_reflector)
+                and sc.method != "sft_ei")
+
+
+def libraries(sc: Any, stage: str) -> None:
+    """The checks that need the library (loss names, optimizer signature, released files)."""
+    p = f"{stage}."
+    if stage == "il" or uses_il_data(sc):
+        released(sc.data if stage == "il" else sc.il_data, p + ("data." if stage == "il" else "il_data."))
     loss(sc.loss, p)
     optimizer(sc.optimizer, p)
 
@@ -191,10 +201,13 @@ def validate(c: Any) -> None:
     """The whole run's config, every stage of every method, before anything runs."""
     from retroact_jax.stages import pipeline
     top_level(c)
+    configs = []
     for name in pipeline.method_names(c):
         m = methods_lib.get(name)
-        stages = pipeline.stages_of(c, m)
-        if "il" in stages:
-            il_stage(pipeline.stage_config(c, "il", m))
-        if "rl" in stages:
-            rl_stage(pipeline.stage_config(c, "rl", m))
+        for stage in pipeline.stages_of(c, m):
+            if stage in ("il", "rl"):
+                sc = pipeline.stage_config(c, stage, m)
+                (il_stage if stage == "il" else rl_stage)(sc)
+                configs.append((sc, stage))
+    for sc, stage in configs:
+        libraries(sc, stage)
