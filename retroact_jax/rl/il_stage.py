@@ -97,7 +97,7 @@ def default_config() -> mlc.ConfigDict:
     c.train.peak_flops = 0.0          # per-device peak for MFU (0: known accelerators only)
     c.train.tensorboard = True
     c.loss = mlc.ConfigDict()
-    c.loss.il_normalization = "positions"  # positions (original) | tokens
+    c.loss.il_normalization = "tokens"  # tokens (original SFT: HF mean over label tokens) | positions
     c.optimizer = mlc.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.kwargs = mlc.ConfigDict({"weight_decay": 0.0})  # HF Trainer default

@@ -129,6 +129,7 @@ def default_config() -> mlc.ConfigDict:
     c.loss.il_normalization = "positions"
     c.loss.il_coef = 1.0              # lambda
     c.loss.role_pooling = "per_role"
+    c.loss.behaviour_dtype = "float32"  # float32 (exact) | bfloat16 (the original collator's rounding)
     c.optimizer = mlc.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.kwargs = mlc.ConfigDict({"weight_decay": 0.0})
