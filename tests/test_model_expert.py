@@ -191,6 +191,10 @@ def test_expert_setting_reaches_the_model_expert(tmp_path, monkeypatch):
     c.data.expert, c.data.expert_trials = "embedded", 3
     il_stage.load_samples(c, tmp_path)
     assert got[0].expert == "embedded" and got[0].trials == 3
+    c.data.expert_envs = "hotpotqa,alfworld"           # refused before the HotpotQA expert runs
+    with pytest.raises(expert.ExpertError, match="built for"):
+        il_stage.load_samples(c, tmp_path)
+    assert len(got) == 1
     assert expert.num_tasks_for(ENV, expert.ExpertConfig().num_tasks) == 0     # gold default: all 753
     assert expert.num_tasks_for("alfworld", -1) == 100 and expert.num_tasks_for(ENV, 7) == 7
 

@@ -58,6 +58,16 @@ class ExpertConfig:
     progress: bool = True
 
 
+def check(env_names: Sequence[str], cfg: ExpertConfig) -> None:
+    """Refuse an env / expert combination that cannot work, before any expert runs."""
+    for env in env_names:
+        if env not in TRAIN_SPLITS:
+            raise ExpertError(f"no expert train split for env {env!r}; known: {sorted(TRAIN_SPLITS)}")
+        if cfg.expert != "gold":
+            from retroact_jax.rl import model_expert
+            model_expert.check(env, cfg.expert, model_expert.ModelExpertConfig())
+
+
 def passes_evaluator(rec: Mapping[str, Any]) -> bool:
     """The benchmark's evaluator on a trial record (PAPER.md §2.1, Table 5)."""
     env = rec.get("env")

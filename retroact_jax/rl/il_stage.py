@@ -140,6 +140,7 @@ def load_samples(c: Any, workdir: pathlib.Path) -> tuple[dict[str, list[batching
         num_tasks=int(c.data.expert_tasks), reflect_fraction=float(c.data.expert_reflect_fraction),
         seed=int(c.seed), batch_size=int(c.data.expert_batch_size),
         env_workers=int(c.data.expert_env_workers), progress=bool(c.train.progress))
+    expert_lib.check(_list(c.data.expert_envs), ecfg)
     for env in _list(c.data.expert_envs):
         pl, rf, n = expert_lib.expert_il_data(env, workdir / "expert", ecfg)
         by_role["planner"] += pl
