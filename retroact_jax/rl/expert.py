@@ -48,8 +48,8 @@ DEFAULT_TASKS = {"hotpotqa": 0, "alfworld": 100, "intercode_sql": 100}
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-    expert: str = "gold"            # gold (scripted) | a model source: the few-shot LLM expert (model_expert.py)
-    num_tasks: int = -1             # tasks per env (a seeded subset of the train split; 0: all; -1: DEFAULT_TASKS)
+    expert: str = "gold"            # gold (scripted) | a model source: few-shot LLM (model_expert.py)
+    num_tasks: int = -1             # tasks per env (seeded subset of the train split; 0 all; -1 DEFAULT_TASKS)
     reflect_fraction: float = 0.3   # gold: tasks whose first trial fails on purpose (reflector data)
     trials: int = 0                 # trials per task; 0: the expert's default (gold 2, model 10)
     seed: int = 0                   # task subset and which tasks fail first
@@ -129,7 +129,8 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
     probe = envs.make(env_name, split)
     try:
         n_all = len(probe.tasks)
-        indices = list(task_indices) if task_indices is not None else select_tasks(n_all, num_tasks_for(env_name, cfg.num_tasks), cfg.seed)
+        n = num_tasks_for(env_name, cfg.num_tasks)
+        indices = list(task_indices) if task_indices is not None else select_tasks(n_all, n, cfg.seed)
         tasks = {i: probe.task_at(i) for i in indices}
     finally:
         probe.close()

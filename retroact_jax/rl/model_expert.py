@@ -178,8 +178,8 @@ def zero_shot_record(rec: Mapping[str, Any], task, p_ex: str, r_ex: str) -> dict
         if not (prompt.startswith(head) and prompt.endswith(tail)):
             raise ExpertError(f"{where}: the reflector prompt is not this expert's few-shot prompt")
         pad = prompt[len(head): len(prompt) - len(tail)]
-        out["reflection"] = {**refl, "spans": [{"role": "prompt", "text": prompts.hotpot_reflector(q, pad, None)}]
-                             + [_plain(s) for s in refl["spans"][1:]]}
+        zs_prompt = {"role": "prompt", "text": prompts.hotpot_reflector(q, pad, None)}
+        out["reflection"] = {**refl, "spans": [zs_prompt] + [_plain(s) for s in refl["spans"][1:]]}
     return out
 
 
