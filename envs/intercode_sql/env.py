@@ -25,9 +25,9 @@ nothing an agent set (``SET [SESSION|@@]`` sql_mode / character sets / max_join_
 ``USE``, user variables, prepared statements, transactions, XA) reaches the gold; when the reset cannot
 be verified the gold gets a fresh connection (``info["gold_session"]`` says which). Unlike InterCode,
 a gold that fails is not an empty result: the reward is 0 and ``info["gold_error"]`` holds the error
-(the 6 broken golds, a timeout, a lost server). The per-task
-cache (``gold_result``, a clean connection each) serves tools, never the reward. "A repeated action ends the trial" is the agent
-loop's rule (its history), not the env's.
+(the 6 broken golds, a timeout, a lost server). The per-task cache (``gold_result``, a clean
+connection each) serves tools, never the reward. "A repeated action ends the trial" is the agent loop's
+rule (its history), not the env's.
 """
 from __future__ import annotations
 
