@@ -37,6 +37,7 @@ class Benchmark:
     example_text: Callable[[str, str], str]  # (prompt head, rest of the trial) -> exemplar text
     examples_per_type: bool = False          # exemplars grouped by ``task.data["task_type"]``
     reflect_instruction: Callable[[Any], str] | None = None  # (protocol) -> the reflector's
+    expert_tasks: int = 100                  # expert tasks by default (a seeded subset; 0 = all)
 
     @property
     def primary(self) -> str:

@@ -44,7 +44,9 @@ def il_config() -> mlc.ConfigDict:
     c.data.roles = "planner,reflector"  # roles trained
     c.data.released = "alfworld_il"   # comma list of released files ("" none): alfworld_il, intercode_il
     c.data.expert_envs = ""           # comma list: hotpotqa, alfworld, intercode_sql ("" none)
-    c.data.expert_tasks = 100         # tasks per expert env (seeded subset of the train split)
+    c.data.expert = "gold"            # gold (scripted) | model source: few-shot LLM expert (HotpotQA)
+    c.data.expert_tasks = -1          # tasks per expert env (seeded; 0 all; -1 the benchmark's: hotpotqa all, else 100)
+    c.data.expert_trials = 0          # trials per task (0: gold 2, model 10)
     c.data.expert_reflect_fraction = 0.3  # expert tasks failing trial 1 on purpose (reflector data)
     c.data.expert_batch_size = 8
     c.data.expert_env_workers = 4
@@ -70,6 +72,7 @@ def il_config() -> mlc.ConfigDict:
     c.train.progress = True
     c.train.peak_flops = 0.0          # per-device peak for MFU (0: known accelerators only)
     c.train.tensorboard = True
+    c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
     c.loss = mlc.ConfigDict()
     c.loss.il_normalization = "tokens"  # tokens (original SFT: HF mean over label tokens) | positions
     c.optimizer = mlc.ConfigDict()
@@ -140,7 +143,9 @@ def rl_config() -> mlc.ConfigDict:
     c.il_data.released = ""           # alfworld_il | intercode_il (comma list)
     c.il_data.expert_envs = ""        # expert rollouts (cached in <expert_workdir>/expert)
     c.il_data.expert_workdir = ""     # "" = this stage's workdir; the pipeline: the IL stage's
-    c.il_data.expert_tasks = 100
+    c.il_data.expert = "gold"
+    c.il_data.expert_tasks = -1
+    c.il_data.expert_trials = 0
     c.il_data.expert_reflect_fraction = 0.3
     c.il_data.expert_batch_size = 8
     c.il_data.expert_env_workers = 4
@@ -167,6 +172,7 @@ def rl_config() -> mlc.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.progress = True
     c.train.tensorboard = True
+    c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
     c.train.peak_flops = 0.0
     c.loss = mlc.ConfigDict()
     c.loss.rl_variant = "detached_clip"  # detached_clip (original) | paper_clip | ppo_clip | rlmec_min

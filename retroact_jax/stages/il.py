@@ -65,9 +65,11 @@ def load_samples(c: Any, workdir: pathlib.Path) -> tuple[dict[str, list[batching
             by_role[s.role].append(s)
         counts[name] = {r: sum(s.role == r for s in loaded.samples) for r in by_role}
     ecfg = expert_lib.ExpertConfig(
+        expert=str(c.data.expert), trials=int(c.data.expert_trials),
         num_tasks=int(c.data.expert_tasks), reflect_fraction=float(c.data.expert_reflect_fraction),
         seed=int(c.seed), batch_size=int(c.data.expert_batch_size),
         env_workers=int(c.data.expert_env_workers), progress=bool(c.train.progress))
+    expert_lib.check(_list(c.data.expert_envs), ecfg)
     for env in _list(c.data.expert_envs):
         pl, rf, n = expert_lib.expert_il_data(env, workdir / "expert", ecfg)
         by_role["planner"] += pl
@@ -213,7 +215,7 @@ def _train(c, workdir, t, data, iters, rows, buckets, collate_kw, total) -> dict
     thr = metrics_lib.Throughput(peak, n_devices=t.mesh.size if t.mesh is not None else 1)
 
     def fetch(dev, step):
-        return train.check_finite(dev, step)
+        return learner.check(dev, step)
 
     lag = metrics_lib.Lagged(fetch)
     held = {r: data[r][1] for r in roles if data[r][1]}

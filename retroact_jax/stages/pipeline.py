@@ -81,7 +81,8 @@ def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
     sc.env, sc.method = c.env, m.rl
     if sc.il_data.expert_envs == "auto":      # the IL stage's expert rollouts, read from its cache
         sc.il_data.expert_workdir = str(il_dir(c, m))
-        for k in ("expert_tasks", "expert_reflect_fraction", "expert_batch_size", "expert_env_workers"):
+        for k in ("expert", "expert_tasks", "expert_trials", "expert_reflect_fraction", "expert_batch_size",
+                  "expert_env_workers"):
             sc.il_data[k] = c.il.data[k]
     _il_data(c, sc.il_data)
     if c.rl_schedule:

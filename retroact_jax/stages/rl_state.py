@@ -147,7 +147,7 @@ def start(s: RLState) -> None:
         s.saved_refs = [meta["replay_file"]]
         refresh(s)
     s.resumed_from_step = s.t.learner.step_count
-    s.lag = metrics_lib.Lagged(lambda dev, step: train.check_finite(dev, step))
+    s.lag = metrics_lib.Lagged(s.t.learner.check)
     for split, m in s.pending:
         s.t.writer.write(0, m, split=split)
     s.pending.clear()

@@ -135,6 +135,7 @@ class TrainCheckpoints:
         return self.ck.latest_step
 
     def save(self, learner: train.Learner, meta: Mapping[str, Any]) -> int:
+        learner.check_latest()        # never save a state whose step was not checked (divergence)
         names, leaves, _ = _flat(learner.state)
         arrays = {f"{i:05d}": (jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)}
         step = learner.step_count
@@ -261,7 +262,8 @@ def start(t: Training, c: Any, workdir: pathlib.Path, stage: str, *, train_roles
     from retroact_jax import metrics as metrics_lib
     t.mesh = make_mesh(c.train.mesh)
     t.learner = train.Learner({r: t.models[r] for r in train_roles}, optimizer=dict(optimizer),
-                              loss=loss, rows=dict(rows), mesh=t.mesh)
+                              loss=loss, rows=dict(rows), mesh=t.mesh,
+                              max_update_ratio=float(c.train.max_update_ratio))
     t.ckpts = TrainCheckpoints(workdir / "checkpoints", max_to_keep=int(c.train.keep_checkpoints))
     t.config = to_dict(c)
     try:

@@ -135,6 +135,8 @@ def il_data(d: Any, prefix: str, roles: Iterable[str]) -> None:
     if not 0.0 <= d.expert_reflect_fraction <= 1.0:
         raise _fail(f"{prefix}expert_reflect_fraction", d.expert_reflect_fraction, "must be in [0, 1]")
     _at_least(d, prefix, ("expert_batch_size", "expert_env_workers"), 1)
+    _at_least(d, prefix, ("expert_tasks",), -1)
+    _at_least(d, prefix, ("expert_trials",), 0)
     _choice(d, prefix, "empty_reflections", ("keep", "skip"))
 
 
@@ -146,7 +148,7 @@ def il_stage(sc: Any) -> None:
     _choice(sc, p, "train.observations", ("trained", "masked"))
     _at_least(sc, p, ("data.max_tokens", "train.epochs", "train.log_every", "train.keep_checkpoints"), 1)
     _at_least(sc, p, ("data.eval_rows", "data.max_rows_per_role", "train.max_steps", "train.eval_every",
-                      "train.checkpoint_every"), 0)
+                      "train.checkpoint_every", "train.max_update_ratio"), 0)
     _at_least(sc, p, tuple(f"train.rows_{r}" for r in as_list(sc.data.roles)), 1)
     _buckets(sc, p, "train.buckets")
     o = sc.optimizer
@@ -166,7 +168,7 @@ def rl_stage(sc: Any) -> None:
     _at_least(sc, p, ("train.il_rows_planner", "train.il_rows_reflector", "train.checkpoint_every",
                       "collect.tasks_per_iteration", "collect.max_steps", "collect.planner_max_tokens",
                       "collect.reflector_max_tokens", "collect.temperature", "collect.reflector_temperature",
-                      "eval.every", "eval.temperature"), 0)
+                      "eval.every", "eval.temperature", "train.max_update_ratio"), 0)
     if not 0.0 < sc.collect.top_p <= 1.0:
         raise _fail(f"{p}collect.top_p", sc.collect.top_p, "must be in (0, 1]")
     if sc.train.alpha <= 0:
@@ -188,11 +190,24 @@ def uses_il_data(sc: Any) -> bool:
                 and sc.method != "sft_ei")
 
 
+def expert(d: Any, prefix: str) -> None:
+    """A model expert (``expert`` = a model source) only where it is built for the env."""
+    if d.expert == "gold" or not as_list(d.expert_envs):
+        return
+    from retroact_jax.stages import expert as expert_lib
+    try:
+        expert_lib.check(as_list(d.expert_envs), expert_lib.ExpertConfig(expert=str(d.expert)))
+    except expert_lib.ExpertError as e:
+        raise ConfigError(f"config.{prefix}expert={d.expert!r}: {e}") from None
+
+
 def libraries(sc: Any, stage: str) -> None:
-    """The checks that need the library (loss names, optimizer signature, released files)."""
+    """The checks that need the library (loss names, optimizer signature, released files, expert)."""
     p = f"{stage}."
     if stage == "il" or uses_il_data(sc):
-        released(sc.data if stage == "il" else sc.il_data, p + ("data." if stage == "il" else "il_data."))
+        d, dp = (sc.data, p + "data.") if stage == "il" else (sc.il_data, p + "il_data.")
+        released(d, dp)
+        expert(d, dp)
     loss(sc.loss, p)
     optimizer(sc.optimizer, p)
 
