@@ -15,7 +15,7 @@ import math
 import pathlib
 from typing import Any
 
-from retroact_jax import batching, benchmarks, losses, metrics as metrics_lib, train
+from retroact_jax import batching, benchmarks, losses, metrics as metrics_lib
 from retroact_jax.stages import behaviour as behaviour_lib
 from retroact_jax.stages import replay as replay_lib
 from retroact_jax.stages import setup
