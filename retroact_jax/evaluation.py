@@ -171,3 +171,18 @@ def write_outputs(run_dir: str | os.PathLike, summary: Mapping, backbone: str, m
     (d / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (d / "results.md").write_text(table2([(backbone, method, {summary["env"]: summary})]) + "\n")
     plot(summary, d / "metrics.png")
+
+
+def compare_table(rows: Sequence[tuple[str, Mapping]]) -> str:
+    """Markdown: one row per evaluated model of one run (e.g. base / IL / RL on the same tasks):
+    its valid-action rate, then IR and FR of each metric (x100). ``rows``: (label, summary)."""
+    metrics = list(rows[0][1]["metrics"])
+    head = ["Model", "valid actions"] + [f"{m} {x}" for m in metrics for x in ("IR", "FR")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, s in rows:
+        act = s.get("actions") or {}
+        rate = act.get("valid_rate")
+        cells = [label, "-" if rate is None else f"{rate:.1f}% ({act['valid']}/{act['actions']})"]
+        cells += [f"{s['metrics'][m][x]:.2f}" for m in metrics for x in ("IR", "FR")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
