@@ -60,7 +60,8 @@ def _lm_policy(source: str, lora: str, c, cache: dict):
         pad = tok.pad_id if tok.pad_id is not None else 0
         cache[key] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids), tok)
     sampler, tok = cache[key]
-    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental))
+    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental),
+                    min_new_tokens=int(c.model.min_new_tokens))
 
 
 def build_policies(c, tasks_by_index):

@@ -25,6 +25,7 @@ def base(env: str, split: str, num_tasks: int, env_backend: str = "threads") -> 
     c.model.param_dtype = "float32"  # float32 on CPU (bf16 is slower there), bfloat16 on accelerators
     c.model.policy = "lm"            # lm (the sampler) | scripted-gold (the env's gold actions; checks)
     c.model.incremental = True       # keep each episode's KV cache and extend it (False: re-prefill)
+    c.model.min_new_tokens = 1       # no stop/EOS in a completion's first n tokens (vLLM min_tokens; WORKSPACE)
 
     c.eval = mlc.ConfigDict()
     c.eval.num_tasks = num_tasks     # tasks evaluated, from start_task on (paper: 100 / 134 / 100)

@@ -74,6 +74,7 @@ def default_config() -> mlc.ConfigDict:
     c.collect.temperature = 1.0       # exploration temperature (PAPER.md §4)
     c.collect.reflector_temperature = 1.0
     c.collect.top_p = 1.0
+    c.collect.min_new_tokens = 1      # no stop/EOS in a completion's first n tokens (vLLM min_tokens)
     c.collect.batch_size = 8          # tasks in flight
     c.collect.env_workers = 4
     c.collect.env_backend = ""        # "" = the env's default (ALFWorld processes, else threads)
@@ -331,8 +332,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
                 p.unlink()
 
     def policies(temperature_cfg: bool):
-        pl = LMPolicy(beh["planner"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
-        rf = LMPolicy(beh["reflector"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
+        kw = dict(top_p=float(c.collect.top_p) if temperature_cfg else 1.0, min_new_tokens=int(c.collect.min_new_tokens))
+        pl, rf = LMPolicy(beh["planner"].sampler, tok, **kw), LMPolicy(beh["reflector"].sampler, tok, **kw)
         return pl, rf
 
     # step / token limits of the agent (collection and the eval hook alike)
