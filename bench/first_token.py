@@ -6,7 +6,7 @@ On real agent prompts of the test splits (zero-shot planner format, trial 1): Ho
 token, the mean probability of such a token at temperature 1 (the expected fraction of T=1 samples),
 and what the greedy completion is with ``min_new_tokens`` 0 and 1.
 
-    python -m bench.first_token [--model embedded] [--tasks 20]
+    python -m bench.first_token [--model embedded] [--tasks 20] [--mins 0,1] [--envs hotpotqa,intercode_sql]
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _encode(tok, text):
     return tok.encode(text, add_bos=True) if tok.add_bos else tok.encode(text)
 
 
-def measure(sampler, tok, prompts: list[str], stop: tuple[str, ...], key) -> dict:
+def measure(sampler, tok, prompts: list[str], stop: tuple[str, ...], key, mins=(0, 1)) -> dict:
     v = sampler.cfg.vocab_size
     ended = _stop_set(tok, v, stop)
     ids = [_encode(tok, p) for p in prompts]
@@ -61,7 +61,7 @@ def measure(sampler, tok, prompts: list[str], stop: tuple[str, ...], key) -> dic
             got += [tok.decode(list(o.tokens_BxN[i, :o.lengths_B[i]])) for i in range(len(c))]
         return got
 
-    for n_min in (0, 1):
+    for n_min in mins:
         greedy_texts = texts(0.0, n_min)
         out[f"greedy_min{n_min}_examples"] = greedy_texts[:3]
         out[f"greedy_min{n_min}_empty"] = float(np.mean([not t.split(stop[0])[0].strip() for t in greedy_texts]))
@@ -75,8 +75,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--tasks", type=int, default=20)
+    ap.add_argument("--mins", default="0,1", help="min_new_tokens values to decode with (0 first)")
+    ap.add_argument("--envs", default="hotpotqa,intercode_sql")
     a = ap.parse_args(argv)
-    import envs
+    mins = tuple(int(x) for x in a.mins.split(","))
     from retroact_jax.models import hub
     t0 = time.time()
     model, tok, _ = hub.load_pretrained(a.model)
@@ -84,22 +86,34 @@ def main(argv=None):
     key = jax.random.key(0)
     res = {"model": a.model, "add_bos": bool(tok.add_bos)}
 
-    hp = protocols.protocol_for("hotpotqa")
-    hp_tasks = envs.make("hotpotqa", "test").tasks[:a.tasks]
-    thought = [hp.planner_prompt(t, t.instruction, []) + "\nThought 1:" for t in hp_tasks]
-    res["hotpotqa_thought"] = measure(sampler, tok, thought, ("\n",), key)
-    greedy_thoughts = res["hotpotqa_thought"].pop("_greedy_texts")
-    action = [p + g + join_cue(g, "\nAction 1:") for p, g in zip(thought, greedy_thoughts)]
-    res["hotpotqa_action"] = measure(sampler, tok, action, ("\n",), key)
-    res["hotpotqa_action"].pop("_greedy_texts")
-
-    ic = protocols.protocol_for("intercode_sql")
-    ic_tasks = envs.make("intercode_sql", "test").tasks[:a.tasks]
-    ic_thought = [ic.planner_prompt(t, t.instruction, []) + "\nThought 1:" for t in ic_tasks]
-    res["intercode_thought"] = measure(sampler, tok, ic_thought, ("Observation",), key)
-    res["intercode_thought"].pop("_greedy_texts")
+    if "hotpotqa" in a.envs:
+        _hotpotqa(res, sampler, tok, key, a.tasks, mins)
+    if "intercode_sql" in a.envs:
+        _intercode(res, sampler, tok, key, a.tasks, mins)
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res, indent=1))
+
+
+def _hotpotqa(res, sampler, tok, key, n, mins):
+    import envs
+    hp = protocols.protocol_for("hotpotqa")
+    hp_tasks = envs.make("hotpotqa", "test").tasks[:n]
+    thought = [hp.planner_prompt(t, t.instruction, []) + "\nThought 1:" for t in hp_tasks]
+    res["hotpotqa_thought"] = measure(sampler, tok, thought, ("\n",), key, mins)
+    greedy_thoughts = res["hotpotqa_thought"].pop("_greedy_texts")
+    action = [p + g + join_cue(g, "\nAction 1:") for p, g in zip(thought, greedy_thoughts)]
+    res["hotpotqa_action"] = measure(sampler, tok, action, ("\n",), key, mins)
+    res["hotpotqa_action"].pop("_greedy_texts")
+
+
+
+def _intercode(res, sampler, tok, key, n, mins):
+    import envs
+    ic = protocols.protocol_for("intercode_sql")
+    ic_tasks = envs.make("intercode_sql", "test").tasks[:n]
+    ic_thought = [ic.planner_prompt(t, t.instruction, []) + "\nThought 1:" for t in ic_tasks]
+    res["intercode_thought"] = measure(sampler, tok, ic_thought, ("Observation",), key, mins)
+    res["intercode_thought"].pop("_greedy_texts")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ sequences of a stop string that spans several tokens, e.g. "Observation" = "Ob" 
 ``stop_token_sequences``), on an ``eos_ids`` token, or when it has produced its
 ``max_new_tokens``; the loop ends when every row has finished. The stop/eos token is included in the output and the cache.
 ``min_new_tokens`` (int or per row, vLLM's ``min_tokens``): in a row's first n tokens stop-mask and EOS
-tokens get logit -inf and stop sequences do not end it (T > 0 log-probs: under that masked distribution).
+tokens are never drawn and stop sequences do not end it; log-probs stay the model's (not renormalised).
 ``temperature == 0`` is greedy; otherwise tokens are drawn from ``softmax(logits / temperature)``
 restricted to the top-p nucleus when ``top_p < 1``. ``logp`` is the log-prob of each drawn token
 under that sampling distribution (nucleus renormalised); for greedy decoding, where that
@@ -140,8 +140,7 @@ def _nucleus(scaled_BxV, top_p):
     probs = jax.nn.softmax(scaled_BxV, axis=-1)
     desc = -jnp.sort(-probs, axis=-1)
     before = jnp.cumsum(desc, axis=-1) - desc            # mass of strictly more likely tokens
-    kept = before < top_p
-    kept = kept.at[:, 0].set(True)
+    kept = (before < top_p).at[:, 0].set(True)
     cutoff = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(probs >= cutoff, scaled_BxV, -jnp.inf)
 
@@ -156,10 +155,11 @@ def _pick(logits_BxV, key, temperature, top_p, blocked_BxV):
         return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
     def stochastic(_):
-        scaled = masked_BxV / temperature
-        scaled = jax.lax.cond(top_p < 1.0, _nucleus, lambda s, p: s, scaled, top_p)
+        scaled = jax.lax.cond(top_p < 1.0, _nucleus, lambda s, p: s, logits_BxV / temperature, top_p)
         lp = jax.nn.log_softmax(scaled, axis=-1)
-        tok = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        draw = jnp.where(blocked_BxV, -jnp.inf, scaled)      # a nucleus all blocked: the rest of the vocab
+        draw = jnp.where(jnp.all(draw == -jnp.inf, axis=-1, keepdims=True), masked_BxV / temperature, draw)
+        tok = jax.random.categorical(key, draw, axis=-1).astype(jnp.int32)
         return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
     return jax.lax.cond(temperature > 0.0, stochastic, greedy, None)

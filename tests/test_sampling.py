@@ -230,13 +230,13 @@ def test_min_new_tokens_masks_stop_tokens_eos_and_sequences_first(model):
     state = sampler.start(PROMPTS)
     _, inc = sampler.generate(state, None, 12, eos_ids=firsts[:8], min_new_tokens=1)
     assert eos.tokens_BxN.tolist() == inc.tokens_BxN.tolist() and all(not stop[r[0]] for r in eos.tokens_BxN)
-    # at temperature 1 the first token is drawn from the masked distribution, log-prob renormalised
-    _, t1 = sampler.sample(PROMPTS, jax.random.key(3), 12, temperature=1.0, stop_mask=stop, min_new_tokens=1)
-    for i in range(4):
-        t = int(t1.tokens_BxN[i, 0])
-        masked = jax.nn.log_softmax(np.where(stop, -np.inf, logits[i]))
-        assert not stop[t]
-        np.testing.assert_allclose(t1.logp_BxN[i, 0], masked[t], atol=1e-4)
+    # at temperature 1 the first token is drawn outside the mask; its log-prob is the model's (= scoring)
+    for seed in range(3):
+        _, t1 = sampler.sample(PROMPTS, jax.random.key(seed), 12, temperature=1.0, stop_mask=stop, min_new_tokens=1)
+        for i in range(4):
+            t = int(t1.tokens_BxN[i, 0])
+            assert not stop[t]
+            np.testing.assert_allclose(t1.logp_BxN[i, 0], jax.nn.log_softmax(logits[i])[t], atol=1e-4)
     # a stop sequence completed inside the first n tokens does not end the row
     row = free.tokens_BxN[2].tolist()
     _, seq = sampler.sample(PROMPTS, max_new_tokens=12, stop_seqs=[row[:2]], min_new_tokens=2)
