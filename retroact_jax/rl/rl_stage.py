@@ -96,7 +96,9 @@ def default_config() -> mlc.ConfigDict:
     c.il_data = mlc.ConfigDict()      # the IL regulariser's data (rl/il_stage.load_samples sources)
     c.il_data.released = ""           # alfworld_il | intercode_il (comma list)
     c.il_data.expert_envs = ""        # expert rollouts (cached in <workdir>/expert)
-    c.il_data.expert_tasks = 100
+    c.il_data.expert = "gold"
+    c.il_data.expert_tasks = -1
+    c.il_data.expert_trials = 0
     c.il_data.expert_reflect_fraction = 0.3
     c.il_data.expert_batch_size = 8
     c.il_data.expert_env_workers = 4
