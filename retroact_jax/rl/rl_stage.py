@@ -62,6 +62,8 @@ def default_config() -> mlc.ConfigDict:
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # False: single agent, one model with shared parameters
     c.model.param_dtype = "float32"
+    c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
     c.model.lora = True               # fresh LoRA on the SFT weights (the original); False: full fine-tune
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -148,6 +150,10 @@ def default_config() -> mlc.ConfigDict:
     c.export.enabled = True
     c.export.dtype = ""
     return c
+
+
+def _memory_options(m) -> dict:
+    return {"attention": str(m.attention), "remat": str(m.remat)}
 
 
 def _list(s) -> list[str]:
@@ -247,7 +253,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
                           dropout=float(c.model.lora_dropout), target_modules=tuple(_list(c.model.lora_targets)))
     models, tok, mcfg = stages.load_models(c.model.planner, c.model.reflector,
                                            multi_agent=bool(c.model.multi_agent),
-                                           param_dtype=c.model.param_dtype, lora=lcfg, seed=int(c.seed))
+                                           param_dtype=c.model.param_dtype, lora=lcfg,
+                                           memory=_memory_options(c.model), seed=int(c.seed))
     if tok.vocab_size < mcfg.vocab_size:
         log.warning("the tokenizer has %d ids, the model %d: sampled ids past the tokenizer decode to "
                     "nothing", tok.vocab_size, mcfg.vocab_size)
