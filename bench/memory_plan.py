@@ -71,8 +71,8 @@ NOTES = [
     "MEM_FRACTION (default 0.75) caps what JAX takes of the 80 GB unless raised.",
     "Scaled per layer unless full_depth: XLA:CPU reuses temp buffers across layers, so temp at "
     "1-2 layers scales nearly but not exactly linearly.",
-    "The sampler today creates its KV cache on one device (sampling.Sampler); the decode figures "
-    "assume the cache sharded over (data, fsdp) batch and tensor heads, as the plan's in_shardings.",
+    "decode: the KV cache is sharded as sampling.Sampler creates it next to mesh-sharded weights "
+    "(KVCache.shardings: rows over data x fsdp, KV heads over tensor).",
 ]
 
 
@@ -180,15 +180,10 @@ def decode_program(cfg, lora, mesh, batch: int, length: int):
     p_sh = sharding.tree_shardings(params, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, p_sh)
     cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, length))
-    lead = sharding.BATCH_AXES if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
-    heads = "tensor" if cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
-    kv_sh = NamedSharding(mesh, P(lead, None, heads, None))
-    cache = KVCache(k=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=kv_sh) for a in cache.k),
-                    v=tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=kv_sh) for a in cache.v),
-                    valid_BxS=jax.ShapeDtypeStruct((batch, length), jnp.bool_,
-                                                   sharding=NamedSharding(mesh, P(lead, None))),
-                    end=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())))
-    bs = NamedSharding(mesh, P(lead, None))
+    cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache,
+                         KVCache.shardings(cfg, batch, mesh))
+    kv_sh = cache.k[0].sharding
+    bs = cache.valid_BxS.sharding
     tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=bs)
     val = jax.ShapeDtypeStruct((batch, 1), jnp.bool_, sharding=bs)
 

@@ -177,13 +177,30 @@ class KVCache:
     end: jax.Array    # int32 scalar
 
     @staticmethod
-    def init(cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+    def init(cfg: ModelConfig, batch: int, length: int, mesh=None) -> "KVCache":
+        """Zeros; with a ``mesh`` (of more than one device) created sharded in place: rows over the
+        batch axes (data, fsdp) and KV heads over ``tensor`` where they divide (``shardings``)."""
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         dt = _dtype(cfg.dtype)
-        return KVCache(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
-                       v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
-                       valid_BxS=jnp.zeros((batch, length), bool),
-                       end=jnp.zeros((), jnp.int32))
+
+        def zeros():
+            return KVCache(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                           v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                           valid_BxS=jnp.zeros((batch, length), bool),
+                           end=jnp.zeros((), jnp.int32))
+        if mesh is None or mesh.size == 1:
+            return zeros()
+        return jax.jit(zeros, out_shardings=KVCache.shardings(cfg, batch, mesh))()
+
+    @staticmethod
+    def shardings(cfg: ModelConfig, batch: int, mesh) -> "KVCache":
+        P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+        rows = ("data", "fsdp")
+        lead = rows if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+        heads = "tensor" if cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
+        kv = NS(mesh, P(lead, None, heads, None))
+        return KVCache(k=(kv,) * cfg.num_layers, v=(kv,) * cfg.num_layers,
+                       valid_BxS=NS(mesh, P(lead, None)), end=NS(mesh, P()))
 
     @property
     def batch(self) -> int:
