@@ -54,6 +54,8 @@ def _lm_policy(source: str, lora: str, c, cache: dict):
     if key not in cache:
         from retroact_jax.models import hub
         model, tok, _ = hub.load_pretrained(source, param_dtype=c.model.param_dtype)
+        from retroact_jax.models.decoder import set_memory_options
+        set_memory_options(model, attention=c.model.attention)
         if lora:
             from retroact_jax.models import lora as lora_lib
             lora_lib.load_lora(model, lora)

@@ -284,7 +284,10 @@ class Sampler:
         return tokens, valid
 
     def _fresh(self, batch: int, length: int, num_rows: int) -> SamplerState:
-        return SamplerState(cache=KVCache.init(self.cfg, batch, length),
+        # weights sharded over a mesh (the RL learner's placed copy): the cache is sharded too
+        mesh = next((x.sharding.mesh for x in jax.tree.leaves(self.params)
+                     if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
+        return SamplerState(cache=KVCache.init(self.cfg, batch, length, mesh=mesh),
                             last_logits_BxV=jnp.zeros((batch, self.cfg.vocab_size), jnp.float32),
                             num_rows=num_rows)
 

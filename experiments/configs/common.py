@@ -23,6 +23,7 @@ def base(env: str, split: str, num_tasks: int, env_backend: str = "threads") -> 
     c.model.planner_lora = ""        # LoRA adapter dir applied to the planner ("" = none)
     c.model.reflector_lora = ""      # LoRA adapter dir applied to the reflector ("" = none)
     c.model.param_dtype = "float32"  # float32 on CPU (bf16 is slower there), bfloat16 on accelerators
+    c.model.attention = "default"    # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any backend)
     c.model.policy = "lm"            # lm (the sampler) | scripted-gold (the env's gold actions; checks)
     c.model.incremental = True       # keep each episode's KV cache and extend it (False: re-prefill)
     # no stop/EOS in a completion's first n tokens (vLLM min_tokens); 2 on HotpotQA, whose calls never
