@@ -59,6 +59,8 @@ def default_config() -> mlc.ConfigDict:
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # two models (planner, reflector); False: one shared model
     c.model.param_dtype = "float32"   # float32 (CPU) | bfloat16 (accelerators)
+    c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
     c.model.lora = True               # LoRA adapters (False: full fine-tuning)
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -93,6 +95,7 @@ def default_config() -> mlc.ConfigDict:
     c.train.eval_every = 200          # held-out loss every N steps (and before / after); 0 off
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
+    c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
     c.train.progress = True
     c.train.peak_flops = 0.0          # per-device peak for MFU (0: known accelerators only)
     c.train.tensorboard = True
@@ -112,6 +115,10 @@ def default_config() -> mlc.ConfigDict:
     c.export.enabled = True           # HF safetensors (LoRA merged) + PEFT adapters at the end
     c.export.dtype = ""               # "" keep, or bfloat16 / float32
     return c
+
+
+def _memory_options(m) -> dict:
+    return {"attention": str(m.attention), "remat": str(m.remat)}
 
 
 def _list(s: str) -> list[str]:
@@ -250,6 +257,7 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
     models, tok, mcfg = stages.load_models(c.model.planner, c.model.reflector,
                                            multi_agent=bool(c.model.multi_agent),
                                            param_dtype=c.model.param_dtype, lora=lcfg,
+                                           memory=_memory_options(c.model),
                                            seed=int(c.seed), roles=roles)
     raw, source_counts = load_samples(c, workdir)
     data, data_counts = prepare(c, raw, tok, roles)
@@ -271,7 +279,8 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
     if c.train.mesh:
         from retroact_jax import sharding
         mesh = sharding.make_mesh({k: int(v) for k, v in (a.split("=") for a in _list(c.train.mesh))})
-    learner = train.Learner(models, optimizer=opt_cfg, loss=_loss_cfg(c), rows=rows, mesh=mesh)
+    learner = train.Learner(models, optimizer=opt_cfg, loss=_loss_cfg(c), rows=rows, mesh=mesh,
+                            max_update_ratio=float(c.train.max_update_ratio))
 
     ckpts = stages.TrainCheckpoints(workdir / "checkpoints", max_to_keep=int(c.train.keep_checkpoints))
     cfg_json = _to_dict(c)
@@ -299,7 +308,7 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
     thr = metrics_lib.Throughput(peak, n_devices=mesh.size if mesh is not None else 1)
 
     def fetch(dev, step):
-        return train.check_finite(dev, step)
+        return learner.check(dev, step)
 
     lag = metrics_lib.Lagged(fetch)
     held = {r: data[r][1] for r in roles if data[r][1]}

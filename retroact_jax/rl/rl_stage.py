@@ -62,6 +62,8 @@ def default_config() -> mlc.ConfigDict:
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # False: single agent, one model with shared parameters
     c.model.param_dtype = "float32"
+    c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
     c.model.lora = True               # fresh LoRA on the SFT weights (the original); False: full fine-tune
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -74,6 +76,7 @@ def default_config() -> mlc.ConfigDict:
     c.collect.temperature = 1.0       # exploration temperature (PAPER.md §4)
     c.collect.reflector_temperature = 1.0
     c.collect.top_p = 1.0
+    c.collect.min_new_tokens = 1      # no stop/EOS in a completion's first n tokens (vLLM min_tokens)
     c.collect.batch_size = 8          # tasks in flight
     c.collect.env_workers = 4
     c.collect.env_backend = ""        # "" = the env's default (ALFWorld processes, else threads)
@@ -119,6 +122,7 @@ def default_config() -> mlc.ConfigDict:
     c.train.log_every = 10
     c.train.checkpoint_every = 200    # also at the end of every iteration
     c.train.keep_checkpoints = 2
+    c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
     c.train.progress = True
     c.train.tensorboard = True
     c.train.peak_flops = 0.0
@@ -151,6 +155,10 @@ def default_config() -> mlc.ConfigDict:
     c.export.enabled = True
     c.export.dtype = ""
     return c
+
+
+def _memory_options(m) -> dict:
+    return {"attention": str(m.attention), "remat": str(m.remat)}
 
 
 def _list(s) -> list[str]:
@@ -250,7 +258,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
                           dropout=float(c.model.lora_dropout), target_modules=tuple(_list(c.model.lora_targets)))
     models, tok, mcfg = stages.load_models(c.model.planner, c.model.reflector,
                                            multi_agent=bool(c.model.multi_agent),
-                                           param_dtype=c.model.param_dtype, lora=lcfg, seed=int(c.seed))
+                                           param_dtype=c.model.param_dtype, lora=lcfg,
+                                           memory=_memory_options(c.model), seed=int(c.seed))
     if tok.vocab_size < mcfg.vocab_size:
         log.warning("the tokenizer has %d ids, the model %d: sampled ids past the tokenizer decode to "
                     "nothing", tok.vocab_size, mcfg.vocab_size)
@@ -281,7 +290,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
     if c.train.mesh:
         from retroact_jax import sharding
         mesh = sharding.make_mesh({k: int(v) for k, v in (a.split("=") for a in _list(c.train.mesh))})
-    learner = train.Learner({r: models[r] for r in trained}, optimizer=opt_cfg, loss=loss_cfg, rows=rows, mesh=mesh)
+    learner = train.Learner({r: models[r] for r in trained}, optimizer=opt_cfg, loss=loss_cfg, rows=rows, mesh=mesh,
+                            max_update_ratio=float(c.train.max_update_ratio))
     behaviour: dict[int, _Behaviour] = {}
     for r in ("planner", "reflector"):
         if id(models[r]) not in behaviour:
@@ -315,7 +325,7 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
         b.refresh()
     start = learner.step_count
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=bool(c.train.tensorboard), start_step=start)
-    lag = metrics_lib.Lagged(lambda dev, step: train.check_finite(dev, step))
+    lag = metrics_lib.Lagged(learner.check)
     tok_cache: dict[int, batching.TokenizedSample] = {}
     history: list[dict] = []
     roles_idx = {r: i for i, r in enumerate(train.ROLES)}
@@ -333,8 +343,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
                 p.unlink()
 
     def policies(temperature_cfg: bool):
-        pl = LMPolicy(beh["planner"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
-        rf = LMPolicy(beh["reflector"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
+        kw = dict(top_p=float(c.collect.top_p) if temperature_cfg else 1.0, min_new_tokens=int(c.collect.min_new_tokens))
+        pl, rf = LMPolicy(beh["planner"].sampler, tok, **kw), LMPolicy(beh["reflector"].sampler, tok, **kw)
         return pl, rf
 
     # step / token limits of the agent (collection and the eval hook alike)
