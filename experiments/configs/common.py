@@ -32,8 +32,14 @@ def base(env: str) -> mlc.ConfigDict:
     c.model.planner_lora = ""        # LoRA adapter dir on the untrained planner ("" = none)
     c.model.reflector_lora = ""      # LoRA adapter dir on the untrained reflector ("" = none)
     c.model.param_dtype = "float32"  # float32 on CPU (bf16 is slower there), bfloat16 on accelerators
+    c.model.attention = "default"    # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any backend)
+    c.model.min_new_tokens = 0       # no stop/EOS in a completion's first n tokens (vLLM min_tokens);
+                                     #   0 = the benchmark's: HotpotQA 2, else 1 (WORKSPACE.md)
     c.model.policy = "lm"            # lm (the sampler) | scripted-gold (the gold script; stages=eval)
     c.model.incremental = True       # keep each episode's KV cache and extend it (False: re-prefill)
+    # no stop/EOS in a completion's first n tokens (vLLM min_tokens); 2 on HotpotQA, whose calls never
+    # end after one token, 1 elsewhere (" look\n", " submit\n" are 2 tokens); figures in WORKSPACE.md
+    c.model.min_new_tokens = 2 if env == "hotpotqa" else 1
 
     c.eval = mlc.ConfigDict()
     c.eval.num_tasks = 0             # tasks evaluated from start_task (0 = the paper's: 100/134/100/200)
@@ -64,4 +70,5 @@ def base(env: str) -> mlc.ConfigDict:
     c.il.data.expert_envs = "auto"   # auto = the expert on the env's train split where none is released
     c.rl.il_data.released = "auto"   # the IL regulariser's data: the IL stage's sources
     c.rl.il_data.expert_envs = "auto"
+    c.rl.collect.min_new_tokens = 0  # 0 = config.model.min_new_tokens
     return c

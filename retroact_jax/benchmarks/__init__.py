@@ -38,6 +38,7 @@ class Benchmark:
     examples_per_type: bool = False          # exemplars grouped by ``task.data["task_type"]``
     reflect_instruction: Callable[[Any], str] | None = None  # (protocol) -> the reflector's
     expert_tasks: int = 100                  # expert tasks by default (a seeded subset; 0 = all)
+    min_new_tokens: int = 1                  # no stop in a completion's first n tokens (WORKSPACE.md)
 
     @property
     def primary(self) -> str:

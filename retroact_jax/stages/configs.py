@@ -35,6 +35,8 @@ def il_config() -> mlc.ConfigDict:
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # two models (planner, reflector); False: one shared model
     c.model.param_dtype = "float32"   # float32 (CPU) | bfloat16 (accelerators)
+    c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
     c.model.lora = True               # LoRA adapters (False: full fine-tuning)
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -109,6 +111,8 @@ def rl_config() -> mlc.ConfigDict:
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # False: single agent, one model with shared parameters
     c.model.param_dtype = "float32"
+    c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
     c.model.lora = True               # fresh LoRA on the SFT weights (the original); False: full fine-tune
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -121,6 +125,7 @@ def rl_config() -> mlc.ConfigDict:
     c.collect.temperature = 1.0       # exploration temperature (docs/paper.md §4)
     c.collect.reflector_temperature = 1.0
     c.collect.top_p = 1.0
+    c.collect.min_new_tokens = 1      # no stop/EOS in a completion's first n tokens (vLLM min_tokens)
     c.collect.batch_size = 8          # tasks in flight
     c.collect.env_workers = 4
     c.collect.env_backend = ""        # "" = the env's default (ALFWorld processes, else threads)

@@ -49,13 +49,16 @@ def _policy(source: str, lora: str, c: Any, cache: dict):
     from retroact_jax.stages import setup
     if (source, lora) not in cache:
         model, tok, _ = setup.load_one(source, c.model.param_dtype, 0)
+        from retroact_jax.models.decoder import set_memory_options
+        set_memory_options(model, attention=c.model.attention)
         if lora:
             from retroact_jax.models import lora as lora_lib
             lora_lib.load_lora(model, lora)
         pad = tok.pad_id if tok.pad_id is not None else 0
         cache[(source, lora)] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids), tok)
     sampler, tok = cache[(source, lora)]
-    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental))
+    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental),
+                    min_new_tokens=int(c.model.min_new_tokens))
 
 
 def policies(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pathlib.Path, tasks: dict):

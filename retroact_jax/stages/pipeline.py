@@ -36,6 +36,8 @@ def resolve(c: Any) -> None:
     """The top-level fields derived from the env: the run directory."""
     if not c.run_dir:
         c.run_dir = f"runs/{c.env}"
+    if c.env in benchmarks.NAMES and not c.model.min_new_tokens:
+        c.model.min_new_tokens = benchmarks.get(c.env).min_new_tokens
 
 
 def method_names(c: Any) -> list[str]:
@@ -79,6 +81,8 @@ def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
     planner, reflector = evaluate.role_sources(evaluate.exports(il_dir(c, m)), base)
     sc.model.planner, sc.model.reflector = planner, ("" if reflector == planner else reflector)
     sc.env, sc.method = c.env, m.rl
+    if not sc.collect.min_new_tokens:
+        sc.collect.min_new_tokens = c.model.min_new_tokens
     if sc.il_data.expert_envs == "auto":      # the IL stage's expert rollouts, read from its cache
         sc.il_data.expert_workdir = str(il_dir(c, m))
         for k in ("expert", "expert_tasks", "expert_trials", "expert_reflect_fraction", "expert_batch_size",

@@ -52,11 +52,11 @@ log = logging.getLogger(__name__)
 def policies(s: RLState, explore: bool):
     """(planner, reflector or None) LM policies over the behaviour samplers."""
     from retroact_jax.agent.lm_policy import LMPolicy
-    top_p = float(s.c.collect.top_p) if explore else 1.0
-    planner = LMPolicy(s.behaviour["planner"].sampler, s.t.tokenizer, top_p=top_p)
+    kw = dict(top_p=float(s.c.collect.top_p) if explore else 1.0, min_new_tokens=int(s.c.collect.min_new_tokens))
+    planner = LMPolicy(s.behaviour["planner"].sampler, s.t.tokenizer, **kw)
     if not s.reflector:
         return planner, None
-    return planner, LMPolicy(s.behaviour["reflector"].sampler, s.t.tokenizer, top_p=top_p)
+    return planner, LMPolicy(s.behaviour["reflector"].sampler, s.t.tokenizer, **kw)
 
 
 def agent_config(s: RLState, trials: int, temperature: float, reflector_temperature: float, seed: int):

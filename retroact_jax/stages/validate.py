@@ -77,7 +77,8 @@ def top_level(c: Any) -> None:
     if c.rl_schedule and c.rl_schedule not in SCHEDULES:
         raise _fail("rl_schedule", c.rl_schedule, f"'' or one of {', '.join(SCHEDULES)}")
     _at_least(c, "", ("eval.trials", "eval.batch_size", "eval.env_workers"), 1)
-    _at_least(c, "", ("eval.num_tasks", "eval.start_task", "eval.max_steps", "eval.planner_max_tokens",
+    _at_least(c, "", ("model.min_new_tokens", "eval.num_tasks", "eval.start_task", "eval.max_steps",
+                      "eval.planner_max_tokens",
                       "eval.reflector_max_tokens", "eval.num_examples", "eval.temperature",
                       "eval.reflector_temperature"), 0)
     _at_least(c, "", ("eval.memory_last",), -1)
