@@ -228,9 +228,23 @@ def main(argv) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"config.stages: unknown stage(s) {unknown}; available: {sorted(STAGES)}")
+    from retroact_jax import metrics
+    metrics.compile_counters()          # start counting compile time before the first stage
     for s in stages:
         logging.info("stage %s", s)
-        STAGES[s](c)
+        with metrics.StageMemory(s) as mem:
+            STAGES[s](c)
+        logging.info("%s", mem.line())
+        _record_stage(c, s, mem.summary)
+
+
+def _record_stage(c, stage: str, summary: dict) -> None:
+    """Add a stage's memory / time figures to ``<run_dir>/stages.json`` ({stage: figures})."""
+    path = pathlib.Path(c.run_dir) / "stages.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old[stage] = summary
+    path.write_text(json.dumps(old, indent=2) + "\n")
 
 
 if __name__ == "__main__":

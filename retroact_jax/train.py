@@ -114,12 +114,13 @@ class Learner:
 
     ``models``: {"planner": Decoder, "reflector": Decoder}; pass the same object for both roles for the
     single-agent setting (shared parameters), or omit a role that is not trained (e.g. SFT+RL trains
-    the planner only). ``rows``: rows per role in each step's batch.
+    the planner only). ``rows``: rows per role in each step's batch. ``head_chunk``: positions per
+    chunk of the vocabulary head + log-prob (0 = the whole [B, T, V] logits at once).
     """
 
     def __init__(self, models: Mapping[str, nnx.Module], *, optimizer: Any,
                  loss: losses.LossConfig = losses.LossConfig(), rows: Mapping[str, int],
-                 mesh: Mesh | None = None, rules=sharding.DECODER_RULES):
+                 mesh: Mesh | None = None, rules=sharding.DECODER_RULES, head_chunk: int = 256):
         unknown = set(models) - set(ROLES)
         if unknown or not models:
             raise TrainError(f"models must map roles {ROLES} to models, got {sorted(models)}")
@@ -135,6 +136,7 @@ class Learner:
         self.names = tuple(dict.fromkeys(self.role_name.values()))
         self.loss_cfg = loss
         self.mesh = mesh
+        self.head_chunk = int(head_chunk)   # positions per head chunk (losses.head_logprobs_and_entropy)
         self.tx = optim.make_optimizer(optimizer)
         self._parts: dict[str, _Part] = {}
         params, rngs = {}, {}
@@ -182,10 +184,10 @@ class Learner:
             sl = lambda x: x[a:b]  # noqa: E731
             h_BxTxD, _ = model.hidden(sl(batch["tokens_BxT"]), sl(batch["positions_BxT"]),
                                       sl(batch["valid_BxT"]))
-            # the last position predicts no trained token: the head runs on T-1 positions, so the
-            # [B, T, V] logits are never sliced (forward) nor padded back (backward)
-            logits_BxSxV = model.head(h_BxTxD[:, :-1])
-            lp, ent = losses.shifted_logprobs_and_entropy(logits_BxSxV, sl(batch["tokens_BxT"]))
+            # the last position predicts no trained token: the head runs on T-1 positions, in chunks
+            # of head_chunk positions (never the whole [B, T, V] logits, recomputed in the backward)
+            lp, ent = losses.head_logprobs_and_entropy(model.head, h_BxTxD[:, :-1], sl(batch["tokens_BxT"]),
+                                                       self.head_chunk)
             logps.append((a, lp))
             ents.append((a, ent))
             new_rngs[name] = nnx.state(model, nnx.RngState)
