@@ -146,14 +146,23 @@ class Learner:
             graphdef, p, rng, frozen = nnx.split(model, trainable_filter(model), nnx.RngState, ...)
             self._parts[name] = _Part(graphdef, frozen)
             params[name], rngs[name] = p, rng
-        opt = {n: self.tx.init(params[n]) for n in self.names}
+        # abstract models (``nnx.eval_shape``, ShapeDtypeStruct leaves): a state of shapes only, for
+        # ``lower`` (bench/memory_plan.py compiles the step without allocating weights)
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+        init = (lambda p: jax.eval_shape(self.tx.init, p)) if self.abstract else self.tx.init
+        opt = {n: init(params[n]) for n in self.names}
         self.state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt, "rngs": rngs}
         frozen = {n: self._parts[n].frozen for n in self.names}
         if mesh is not None:
             st_sh = sharding.tree_shardings(self.state, mesh, rules)
             fr_sh = sharding.tree_shardings(frozen, mesh, rules)
-            self.state = jax.device_put(self.state, st_sh)
-            frozen = jax.device_put(frozen, fr_sh)
+            if not self.abstract:
+                self.state = jax.device_put(self.state, st_sh)
+                frozen = jax.device_put(frozen, fr_sh)
+                # the models take the placed frozen weights: samplers / scorers split from them (the
+                # RL behaviour policy) share this one copy, and the unplaced originals are freed
+                for r, name in self.role_name.items():
+                    nnx.update(self.models[r], frozen[name])
             self._batch_sh = {"2": sharding.batch_sharding(mesh, 2), "1": sharding.batch_sharding(mesh, 1)}
             self._jit = jax.jit(self._step_fn, donate_argnums=(0,),
                                 in_shardings=(st_sh, fr_sh, None), out_shardings=(st_sh, None))
@@ -214,6 +223,12 @@ class Learner:
         return {"step": state["step"] + 1, "params": new_params, "opt": new_opt, "rngs": new_rngs}, metrics
 
     # -- host API ---------------------------------------------------------------------------------
+    def lower(self, batch: Mapping[str, Any]):
+        """``jax.jit(step).lower(state, frozen, batch)``; ``batch`` may hold ShapeDtypeStructs."""
+        arrays = {k: v for k, v in batch.items() if k in _STEP_KEYS}
+        with _maybe_mesh(self.mesh):
+            return self._jit.lower(self.state, self._frozen, arrays)
+
     def step(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """One update; returns device metrics (fetch them a step later to keep the device busy)."""
         B = sum(self.rows.values())

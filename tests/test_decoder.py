@@ -176,7 +176,7 @@ def test_abstract_allocates_nothing_and_lora_hook():
 def test_one_query_attention_paths_agree(b):
     """The decode step's two attention forms (dots for batch 1, broadcast-reduce otherwise) are
     the same function, holes in the cache included."""
-    from retroact_jax.models import decoder as dec
+    from retroact_jax.models import attention as dec
     rng = np.random.default_rng(b)
     q = jnp.asarray(rng.standard_normal((b, 1, 2, 3, 16)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((b, 40, 2, 16)), jnp.float32)

@@ -232,3 +232,144 @@ def test_fuzz_in_sandbox_never_raises(env):
         assert isinstance(obs, str) and r == 0.0 and "sandbox_error" not in info, (cmd[:50], obs[:200])
     assert env.step("execute[pwd]")[0].startswith("/")
     env.step("submit")
+
+
+# -- episode caps, controller signals, zombies (issue 10) ------------------------------------------
+def _cgroup_mode():
+    _need_bwrap()
+    from envs.intercode_bash import cgroup
+    mode, why = cgroup.detect()
+    if mode == "rlimit":
+        pytest.skip(f"no episode cgroup on this machine: {why}")
+    return mode
+
+
+@pytest.mark.bwrap
+def test_controller_ignores_signals_from_inside(env):
+    env.reset(0)
+    for sig in ("INT", "TERM", "HUP", "QUIT", "USR1", "ALRM", "STOP", "KILL"):
+        obs, _, done, info = env.step(f"execute[kill -{sig} 1; sleep 0.2; echo alive]")
+        assert (obs, done) == ("alive\n", False) and "sandbox_error" not in info, (sig, obs)
+    assert env.step("execute[cd /testbed; kill -INT 1; pwd]")[0] == "/testbed\n"
+    assert env.step("execute[pwd]")[0] == "/testbed\n"              # state kept: same controller
+    _, r, done, info = env.step("submit")
+    assert done and "sandbox_error" not in info
+
+
+_ZOMBIE_SCRIPT = r"""
+import ctypes, os, envs
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)     # PR_SET_CHILD_SUBREAPER: orphans come to us, never reaped
+e = envs.make("intercode_bash", timeout_s=3.0)
+dirs = []
+for i in range(10):
+    e.reset(i)
+    e.step("execute[(sleep 30 &); ls]")
+    dirs += getattr(getattr(e._sandbox, "cgroup", None), "dirs", [])
+    if not e.done:
+        e.step("submit")
+e.close()
+zombies = []
+for p in os.listdir("/proc"):
+    try:
+        after = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        continue
+    if int(after[1]) == os.getpid():
+        zombies.append((p, after[0]))
+print("CHILDREN", zombies)
+print("CGROUPS_LEFT", [d for d in dirs if os.path.exists(d)])
+"""
+
+
+@pytest.mark.bwrap
+def test_no_zombie_and_no_cgroup_after_10_episodes():
+    _need_bwrap()
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _ZOMBIE_SCRIPT], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in p.stdout.splitlines() if line.startswith(("CHILDREN", "CGROUPS")))
+    assert lines["CHILDREN"] == "[]" and lines["CGROUPS_LEFT"] == "[]", p.stdout
+
+
+@pytest.mark.bwrap
+def test_memory_cap_is_total_per_episode():
+    mode = _cgroup_mode()
+    cap = 384 << 20
+    with envs.make("intercode_bash", timeout_s=20.0, memory_bytes=cap) as e:
+        e.reset(0)
+        # the issue's shape: several processes, each under the per-process limit, together over the cap
+        cmd = ("for i in 1 2 3 4; do python3 -c \"import time; b=b'x'*(200*1024**2); time.sleep(3)\" & done; "
+               "wait; echo done")
+        obs, _, done, info = e.step(f"execute[{cmd}]")
+        sb = e._sandbox
+        assert info["sandbox_limits"] == mode and not done
+        assert "Killed" in obs or "MemoryError" in obs, obs
+        assert sb.cgroup.oom_kills() >= 1
+        assert sb.memory_peak() <= cap                       # host side: the episode never held more
+        assert e.step("execute[echo ok]")[0] == "ok\n"       # the controller survived the OOM
+        assert e.step("execute[python3 -c \"b=b'x'*(100*1024**2); print(len(b))\"]")[0] == "104857600\n"
+
+
+@pytest.mark.bwrap
+def test_rlimit_fallback_bounds_processes_times_memory():
+    _need_bwrap()
+    with envs.make("intercode_bash", timeout_s=5.0, limits_mode="rlimit") as e:
+        e.reset(0)
+        obs, _, _, info = e.step("execute[python3 -c \"b=b'x'*(100*1024**2)\"]")
+        assert info["sandbox_limits"] == "rlimit" and "MemoryError" in obs          # > 1 GiB / 16
+        assert e.step("execute[python3 -c \"b=b'x'*(20*1024**2); print(len(b))\"]")[0] == "20971520\n"
+        obs = e.step("execute[for i in $(seq 20); do sleep 2 & done; wait; echo done]")[0]
+        assert "fork" in obs and "Resource temporarily unavailable" in obs         # 16 processes
+        assert e._sandbox.cgroup is None and e._sandbox.memory_peak() is None
+        assert e.step("execute[ls /testbed/dir1 | head -1]")[0] == "AnotherHello.java\n"
+
+
+@pytest.mark.bwrap
+def test_stale_cgroup_of_a_dead_process_is_removed():
+    mode = _cgroup_mode()
+    import subprocess
+    import sys
+    from envs.intercode_bash import cgroup
+    code = (f"import os; from envs.intercode_bash import cgroup; "
+            f"print(repr(cgroup.EpisodeCgroup({mode!r}, 256 << 20, 16, 1.0).dirs)); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    stale = eval(out)                                  # noqa: S307 (our own repr of a list of paths)
+    assert stale and all(os.path.isdir(d) for d in stale)
+    cg = cgroup.EpisodeCgroup(mode, 256 << 20, 16, 1.0)
+    try:
+        assert not any(os.path.exists(d) for d in stale)
+    finally:
+        cg.remove()
+
+
+def test_bad_limits_fail_before_work():
+    with pytest.raises(EnvError, match="memory_bytes"):
+        envs.make("intercode_bash", memory_bytes=32 << 20)
+    with pytest.raises(EnvError, match="limits mode"):
+        envs.make("intercode_bash", limits_mode="docker")
+    with pytest.raises(EnvError, match="pids"):
+        envs.make("intercode_bash", pids=2)
+
+
+def test_cgroup2_files_on_a_fake_hierarchy(tmp_path, monkeypatch):
+    # this project's machines have a v1 layout (the real-kernel tests above run there); the v2 file
+    # layout is checked on a plain directory standing in for the unified hierarchy
+    from envs.intercode_bash import cgroup
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu\n")
+    (tmp_path / cgroup.PARENT).mkdir()
+    (tmp_path / cgroup.PARENT / "cgroup.subtree_control").write_text("")
+    monkeypatch.setattr(cgroup, "_mounts", lambda: [("cgroup2", "/", str(tmp_path), {"rw"})])
+    cg = cgroup.EpisodeCgroup("cgroup2", 300 << 20, 40, 1.5)
+    (d,) = cg.dirs
+    assert os.path.dirname(d) == str(tmp_path / cgroup.PARENT)
+    read = lambda f: open(os.path.join(d, f)).read()               # noqa: E731
+    assert (read("memory.max"), read("pids.max"), read("cpu.max")) == (str(300 << 20), "40", "150000 100000")
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids"      # cpu was on
+    assert (tmp_path / cgroup.PARENT / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")
+    with pytest.raises(OSError, match="memory/pids"):
+        cgroup.EpisodeCgroup("cgroup2", 300 << 20, 40, 1.0)

@@ -9,12 +9,16 @@ nothing from the project. The host talks to it over its stdin/stdout, one JSON o
   {"op": "snapshot", "max_entries": int}
       -> {"files": {path: [kind, exec_bit, digest]}, "dirs": [...], "overflow": bool}
 
-Why PID 1: the init of a PID namespace ignores SIGKILL/SIGTERM sent from inside it, so no
-command can kill the controller; after every command it kills every other process of the
-namespace (``kill(-1, SIGKILL)``), so background jobs never outlive their command. It makes
+Why PID 1: the init of a PID namespace never gets a signal sent from inside it unless it handles
+that signal, so no command can kill it with SIGKILL or SIGSTOP; every other catchable signal is set
+to SIG_IGN (Python's own SIGINT handler would otherwise raise KeyboardInterrupt on ``kill -INT 1``),
+and back to SIG_DFL in commands. After every command it kills every other process of the namespace
+(``kill(-1, SIGKILL)``) and reaps every child, so background jobs never outlive their command and
+no zombie is left; orphans reparented to it are reaped while a command runs too. Commands get
+``oom_score_adj`` 1000: when the episode's memory cgroup is full, the kernel kills them, not it. It makes
 itself non-dumpable, so commands (which lack CAP_SYS_PTRACE) cannot open ``/proc/1/fd`` and
 forge replies. Commands get ``setsid``, stdin ``/dev/null``, rlimits (processes, address space,
-core) and ``BASH_ENV`` pointing at a tiny rc that restores nothing but reports the final
+core; the first two from ``argv[1]``, a JSON object, default ``LIMITS``) and ``BASH_ENV`` pointing at a tiny rc that restores nothing but reports the final
 ``pwd`` on fd 3 at exit, which is how the working directory persists between commands.
 """
 import base64
@@ -36,6 +40,11 @@ ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "
 # InterCode's docker.gitignore: these names are ignored at any depth.
 IGNORED = frozenset("bin boot dev etc home lib media opt proc root run sbin srv sys usr var .dockerenv".split())
 LIMITS = {"nproc": 64, "as_bytes": 1 << 30}
+# signals the controller ignores: every catchable one but SIGCHLD (needed by waitpid) and the faults
+# a bug of its own raises (SIG_DFL there; a kill from inside the namespace never reaches PID 1)
+KEEP_DFL = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
+            signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS}
+IGNORED_SIGNALS = sorted(set(signal.valid_signals()) - KEEP_DFL)
 
 
 def _reply(obj):
@@ -104,8 +113,13 @@ def _child(cmd, cwd, out_w, cwd_w):
         os.dup2(out_w, 2)
         os.dup2(cwd_w, 3)
         os.closerange(4, 1 << 16)
-        for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        for sig in IGNORED_SIGNALS + [signal.SIGCHLD]:
             signal.signal(sig, signal.SIG_DFL)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")
+        except OSError:
+            pass
         resource.setrlimit(resource.RLIMIT_NPROC, (LIMITS["nproc"], LIMITS["nproc"]))
         resource.setrlimit(resource.RLIMIT_AS, (LIMITS["as_bytes"], LIMITS["as_bytes"]))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -139,6 +153,20 @@ def _kill_all_and_reap(main_pid, deadline_s=5.0):
             time.sleep(0.005)
 
 
+def _reap_now(main_pid):
+    """Reap every child that has exited (orphans included); main's wait status once it has."""
+    status = None
+    while True:
+        try:
+            pid, st = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return status
+        if pid == 0:
+            return status
+        if pid == main_pid:
+            status = st
+
+
 def op_run(req):
     cmd, cwd = req["cmd"], req.get("cwd", "/")
     timeout, cap = float(req["timeout"]), int(req["cap"])
@@ -170,9 +198,7 @@ def op_run(req):
                         truncated = True
                         break
         if status is None:
-            wpid, st = os.waitpid(pid, os.WNOHANG)
-            if wpid == pid:
-                status = st
+            status = _reap_now(pid)
         if status is not None and eof:
             break
         if status is None and eof:   # output closed but the shell still runs
@@ -247,11 +273,14 @@ def op_snapshot(req):
 
 
 def main():
+    if len(sys.argv) > 1:
+        LIMITS.update({k: int(v) for k, v in json.loads(sys.argv[1]).items() if k in LIMITS})
+    for sig in IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE = 0: /proc/1 closed to commands
     except Exception:
         pass
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     ops = {"build": op_build, "run": op_run, "snapshot": op_snapshot}
     for line in sys.stdin:
         try:

@@ -20,6 +20,12 @@ sandbox with the same build time (``reward.bash_reward``), and ends the episode;
 reward == 1. Commands run as given (``bash -c CMD``), not through InterCode's
 ``shlex.split('/bin/bash -c "CMD"')`` quirk (see data/intercode/README.md).
 A sandbox failure (a host problem) ends the episode with reward 0 and ``info["sandbox_error"]``.
+
+Each episode's sandbox is capped in total (``memory_bytes``, ``pids``, ``cpus``; see
+``sandbox.Limits``) by a cgroup where the machine allows it; ``limits_mode="auto"`` falls back to
+lower per-process limits where it does not (logged), ``"cgroup"`` refuses to run without one,
+``"rlimit"`` forces the fallback. ``info["sandbox_limits"]`` of every execute / submit step says
+which applied: ``cgroup2``, ``cgroup1`` or ``rlimit``.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import time
 from envs.base import Env, EnvError, StepResult, Task
 from envs.intercode_bash import fs
 from envs.intercode_bash.reward import MODES, bash_reward
-from envs.intercode_bash.sandbox import Sandbox, SandboxError
+from envs.intercode_bash.sandbox import Limits, Sandbox, SandboxError, resolve_mode
 
 NON_CODE_OBS = "Error executing query: Your last `execute` action did not contain bash code"
 TIMEOUT_OBS = "Command timed out"
@@ -55,7 +61,8 @@ class InterCodeBashEnv(Env):
     default_max_steps = 10
 
     def __init__(self, split: str = "test", max_steps: int | None = None, timeout_s: float = 10.0,
-                 output_cap: int = 64 << 10, disk_bytes: int = 64 << 20, reward_mode: str = "intercode"):
+                 output_cap: int = 64 << 10, disk_bytes: int = 64 << 20, reward_mode: str = "intercode",
+                 memory_bytes: int = 1 << 30, pids: int = 64, cpus: float = 1.0, limits_mode: str = "auto"):
         super().__init__(split, max_steps)
         if split == "train":
             raise EnvError("intercode_bash has no train split: InterCode ships only the 200 NL2Bash "
@@ -68,6 +75,15 @@ class InterCodeBashEnv(Env):
             raise EnvError(f"intercode_bash: bad limits timeout_s={timeout_s} output_cap={output_cap} "
                            f"disk_bytes={disk_bytes}")
         self.timeout_s, self.output_cap, self.disk_bytes = float(timeout_s), int(output_cap), int(disk_bytes)
+        self.limits = Limits(int(memory_bytes), int(pids), float(cpus), limits_mode)
+        why = self.limits.problem(self.disk_bytes)
+        if why is not None:
+            raise EnvError(f"intercode_bash: {why}")
+        if limits_mode == "cgroup":          # required: find out now, before any episode
+            try:
+                resolve_mode("cgroup")
+            except SandboxError as e:
+                raise EnvError(f"intercode_bash: {e}") from None
         self.reward_mode = reward_mode
         self._tasks = tuple(
             Task(env=self.name, split=split, index=i, id=f"{name}#{j}", instruction=query,
@@ -83,7 +99,7 @@ class InterCodeBashEnv(Env):
     # -- sandbox helpers --------------------------------------------------------------------
     def _machine(self, task: Task, build_time: int) -> tuple[Sandbox, dict]:
         """A fresh sandbox with the task's tree built, and its initial snapshot."""
-        sb = Sandbox(self.disk_bytes)
+        sb = Sandbox(self.disk_bytes, self.limits)
         try:
             sb.build(fs.entries(task.data["fs"]), build_time, fs.EXTRA_DIRS)
             return sb, sb.snapshot()
@@ -122,7 +138,7 @@ class InterCodeBashEnv(Env):
                 obs, rep = self._run(self._sandbox, cmd, self.cwd)
                 self.cwd, self.last_obs = rep["cwd"], obs
                 return obs, 0.0, False, {"action_executed": rep["exit"] == 0 and not rep["timed_out"],
-                                         "exit_code": rep["exit"]}
+                                         "exit_code": rep["exit"], "sandbox_limits": self._sandbox.mode}
             return self._submit()
         except SandboxError as e:
             self._close_sandbox()
@@ -130,7 +146,7 @@ class InterCodeBashEnv(Env):
             return obs, 0.0, True, {"sandbox_error": str(e), "success": False, "score": 0.0}
 
     def _submit(self) -> StepResult:
-        agent_now = self._sandbox.snapshot()
+        agent_now, mode = self._sandbox.snapshot(), self._sandbox.mode
         self._close_sandbox()
         gold_sb, gold_init = self._machine(self.task, self.build_time)
         try:
@@ -142,7 +158,7 @@ class InterCodeBashEnv(Env):
                                       self.last_obs, gold_obs, self.reward_mode)
         obs = self.last_obs if self.last_obs is not None else ""
         info = {"success": details["reward_hundredths"] == 100, "score": reward,
-                "gold_observation": gold_obs, "reward_details": details}
+                "gold_observation": gold_obs, "reward_details": details, "sandbox_limits": mode}
         return obs, reward, True, info
 
     def close(self) -> None:

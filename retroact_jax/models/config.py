@@ -51,6 +51,12 @@ class ModelConfig:
     pad_token_id: int | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"                # compute dtype; RMSNorm and softmax always in float32
+    # Memory options (static, not part of config.json): attention form (models/attention.py):
+    # default (full float32 scores; fastest on CPU) | dot_product (jax.nn.dot_product_attention,
+    # cuDNN flash on GPU in bf16/fp16) | blockwise (online softmax, never [T, S] scores)
+    attention: str = "default"
+    attention_block: int = 512            # blockwise: query / key block length
+    remat: str = "none"                   # per-layer jax.checkpoint: none | dots | full
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -72,6 +78,15 @@ class ModelConfig:
             if getattr(self, f) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"ModelConfig.{f} must be float32/bfloat16/float16, got "
                                   f"{getattr(self, f)!r}")
+
+        if self.attention not in ("default", "dot_product", "blockwise"):
+            raise ConfigError(f"ModelConfig.attention must be default/dot_product/blockwise, got "
+                              f"{self.attention!r}")
+        if self.remat not in ("none", "dots", "full"):
+            raise ConfigError(f"ModelConfig.remat must be none/dots/full, got {self.remat!r}")
+        if not isinstance(self.attention_block, int) or self.attention_block <= 0:
+            raise ConfigError(f"ModelConfig.attention_block must be a positive int, got "
+                              f"{self.attention_block!r}")
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retroact_jax.models import attention as attn_lib
+from retroact_jax.models.attention import Mask
 from retroact_jax.models.config import ModelConfig
-
-_NEG = -1e30   # finite "minus infinity": fully masked rows (padding queries) stay NaN-free
 
 
 def _dtype(name: str):
@@ -209,54 +209,6 @@ def positions_after(cache: KVCache, valid_BxT):
 
 
 # ------------------------------------------------------------------------------------------ model
-def _attend_one(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS):
-    """Attention of one query per row over the cache in its own [B, S, K, H] layout.
-
-    Batch > 1: broadcast-multiply + reductions. A ``dot_general`` here makes XLA:CPU transpose
-    the whole cache to [B, K, S, H] first (batch dims major) at every decode step: 2x slower at
-    batch 32. Batch 1: that transpose is small and the two dots beat the reductions (a SmolLM2
-    decode step 33 vs 43 ms on the 2-core CPU, bench/README.md)."""
-    if q_Bx1xKxGxH.shape[0] == 1:
-        return _attend_one_dots(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS)
-    return _attend_one_reduce(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS)
-
-
-def _attend_one_dots(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS):
-    b = q_Bx1xKxGxH.shape[0]
-    s = jnp.einsum("bkgh,bskh->bkgs", q_Bx1xKxGxH[:, 0], k_BxSxKxH).astype(jnp.float32)
-    s = jnp.where(mask_Bx1xS[:, 0][:, None, None, :], s, _NEG)
-    p = jax.nn.softmax(s, axis=-1).astype(v_BxSxKxH.dtype)
-    return jnp.einsum("bkgs,bskh->bkgh", p, v_BxSxKxH).reshape(b, 1, -1)
-
-
-def _attend_one_reduce(q_Bx1xKxGxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS):
-    q = q_Bx1xKxGxH[:, 0][:, None, :, :, :]                                  # [B, 1, K, G, H]
-    s = jnp.sum((k_BxSxKxH[:, :, :, None, :] * q).astype(jnp.float32), axis=-1)   # [B, S, K, G]
-    s = jnp.where(mask_Bx1xS[:, 0][:, :, None, None], s, _NEG)
-    p = jax.nn.softmax(s, axis=1).astype(v_BxSxKxH.dtype)
-    o = jnp.sum(p[..., None] * v_BxSxKxH[:, :, :, None, :], axis=1)          # [B, K, G, H]
-    b, k, g, h = o.shape
-    return o.reshape(b, 1, k * g * h)
-
-
-def _attend_many(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-    """Attention of T queries per row (prefill, extension, training) as two batched GEMMs over
-    (b, kv head): q -> [B, K, G*T, H] and k, v -> [B, K, S, H] first (small copies), so the
-    [.., G*T, S] scores come out with S minor and softmax + the second GEMM need no transpose. A
-    plain ``einsum("btkgh,bskh->bkgts")`` lets XLA:CPU pick a layout that transposes the scores
-    (the largest tensor) several times: 1.5-2x slower forward and backward (bench/README.md)."""
-    b, t, nk, g, h = q_BxTxKxGxH.shape
-    s_len = k_BxSxKxH.shape[1]
-    q = q_BxTxKxGxH.transpose(0, 2, 3, 1, 4).reshape(b, nk, g * t, h)
-    k = k_BxSxKxH.transpose(0, 2, 1, 3)
-    v = v_BxSxKxH.transpose(0, 2, 1, 3)
-    s = jnp.einsum("bkxh,bksh->bkxs", q, k).astype(jnp.float32).reshape(b, nk, g, t, s_len)
-    s = jnp.where(mask_BxTxS[:, None, None, :, :], s, _NEG)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(b, nk, g * t, s_len)
-    o = jnp.einsum("bkxs,bksh->bkxh", p, v).reshape(b, nk, g, t, h)
-    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, nk * g * h)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, nq, nk = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -267,8 +219,11 @@ class Attention(nnx.Module):
         self.o_proj = Linear(nq * h, d, use_bias=False, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = nq, nk, h
 
-    def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, end=None):
-        """``kv=(k_BxSxKxH, v_BxSxKxH)`` is a cache to write at ``end``; returns (y, new kv)."""
+    def __call__(self, x_BxTxD, cos, sin, mask: Mask, full_BxTxS=None, kv=None, end=None, *,
+                 impl: str = "default", block: int = 512):
+        """``kv=(k_BxSxKxH, v_BxSxKxH)`` is a cache to write at ``end``; returns (y, new kv).
+        ``impl`` / ``block``: the attention form (``attention.py``); ``full_BxTxS``: the boolean
+        mask when the form uses one (computed once per forward)."""
         b, t, _ = x_BxTxD.shape
         nk, h = self.num_kv_heads, self.head_dim
         g = self.num_heads // nk
@@ -280,9 +235,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (zero, end, zero, zero))
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, end, zero, zero))
         q = q.reshape(b, t, nk, g, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
-        if t == 1:
-            return self.o_proj(_attend_one(q, k, v, mask_BxTxS)), (k, v)
-        return self.o_proj(_attend_many(q, k, v, mask_BxTxS)), (k, v)
+        o = attn_lib.attend(impl, q, k, v, mask, full_BxTxS, block)
+        return self.o_proj(o), (k, v)
 
 
 class MLP(nnx.Module):
@@ -305,8 +259,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **kw)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, end=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, end)
+    def __call__(self, x, cos, sin, mask: Mask, full_BxTxS=None, kv=None, end=None, *,
+                 impl: str = "default", block: int = 512):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, full_BxTxS, kv, end,
+                               impl=impl, block=block)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -341,20 +297,25 @@ class Decoder(nnx.Module):
         dt = _dtype(self.cfg.dtype)
         cos, sin = rope_cos_sin(rope_inv_freq(self.cfg), positions_BxT, dt)
         x = self.embed_tokens(tokens_BxT)
+        impl, block = self.cfg.attention, self.cfg.attention_block
         if cache is None:
-            idx = jnp.arange(t)
-            mask = (idx[None, :, None] >= idx[None, None, :]) & valid_BxT[:, None, :]
+            mask = Mask(qslot_T=jnp.arange(t, dtype=jnp.int32), kvalid_BxS=valid_BxT)
+            full = None if impl == "blockwise" else mask.full()
+            policy = attn_lib.remat_policy(self.cfg.remat)
             for layer in self.layers:
-                x, _ = layer(x, cos, sin, mask)
+                if self.cfg.remat == "none":
+                    x, _ = layer(x, cos, sin, mask, full, impl=impl, block=block)
+                else:
+                    x = _remat_layer(layer, x, cos, sin, mask, full, impl, block, policy)
             return self.norm(x), None
         end = cache.end
         valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxT, (jnp.zeros((), jnp.int32), end))
-        slots_T = end + jnp.arange(t, dtype=jnp.int32)
-        s_idx = jnp.arange(cache.length, dtype=jnp.int32)
-        mask = (s_idx[None, None, :] <= slots_T[None, :, None]) & valid_BxS[:, None, :]
+        mask = Mask(qslot_T=end + jnp.arange(t, dtype=jnp.int32), kvalid_BxS=valid_BxS)
+        full = None if impl == "blockwise" and t > 1 else mask.full()
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), end)
+            x, (k, v) = layer(x, cos, sin, mask, full, (cache.k[i], cache.v[i]), end,
+                              impl=impl, block=block)
             ks.append(k)
             vs.append(v)
         new = KVCache(k=tuple(ks), v=tuple(vs), valid_BxS=valid_BxS, end=end + t)
@@ -374,6 +335,24 @@ class Decoder(nnx.Module):
         if last_only:
             h = h[:, -1]
         return self.head(h), cache
+
+
+def _remat_layer(layer, x, cos, sin, mask, full, impl, block, policy):
+    """One decoder layer under ``jax.checkpoint`` (``nnx.remat``) with ``policy``: the backward
+    recomputes what the policy does not save from the layer's inputs."""
+    def run(layer, x, cos, sin, mask, full):
+        return layer(x, cos, sin, mask, full, impl=impl, block=block)[0]
+    return nnx.remat(run, policy=policy)(layer, x, cos, sin, mask, full)
+
+
+def set_memory_options(model: "Decoder", **options) -> "Decoder":
+    """Change the static options ``attention`` / ``attention_block`` / ``remat`` of a built model
+    (they live in ``model.cfg``, so jitted functions retrace with the new graphdef)."""
+    unknown = set(options) - {"attention", "attention_block", "remat"}
+    if unknown:
+        raise ValueError(f"set_memory_options: unknown options {sorted(unknown)}")
+    model.cfg = model.cfg.replace(**options)
+    return model
 
 
 def forward_fn(graphdef, state, tokens_BxT, positions_BxT, valid_BxT, cache=None,
