@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from retroact_jax import batching, losses, optim, sharding
+from retroact_jax.models.decoder import set_memory_options
 
 ROLES = ("planner", "reflector")
 TRACES: collections.Counter = collections.Counter()   # times each step function was traced
@@ -115,12 +116,15 @@ class Learner:
     ``models``: {"planner": Decoder, "reflector": Decoder}; pass the same object for both roles for the
     single-agent setting (shared parameters), or omit a role that is not trained (e.g. SFT+RL trains
     the planner only). ``rows``: rows per role in each step's batch. ``head_chunk``: positions per
-    chunk of the vocabulary head + log-prob (0 = the whole [B, T, V] logits at once).
+    chunk of the vocabulary head + log-prob (0 = the whole [B, T, V] logits at once). ``memory``: the
+    decoder's memory options for the train step only (``decoder.set_memory_options``: ``attention``,
+    ``attention_block``, ``remat``); the models themselves (and samplers split from them) keep theirs.
     """
 
     def __init__(self, models: Mapping[str, nnx.Module], *, optimizer: Any,
                  loss: losses.LossConfig = losses.LossConfig(), rows: Mapping[str, int],
-                 mesh: Mesh | None = None, rules=sharding.DECODER_RULES, head_chunk: int = 256):
+                 mesh: Mesh | None = None, rules=sharding.DECODER_RULES, head_chunk: int = 256,
+                 memory: Mapping[str, Any] | None = None):
         unknown = set(models) - set(ROLES)
         if unknown or not models:
             raise TrainError(f"models must map roles {ROLES} to models, got {sorted(models)}")
@@ -143,7 +147,13 @@ class Learner:
         for name in self.names:
             model = next(models[r] for r in ROLES if self.role_name.get(r) == name)
             model.train()
-            graphdef, p, rng, frozen = nnx.split(model, trainable_filter(model), nnx.RngState, ...)
+            own_cfg = model.cfg
+            if memory:
+                set_memory_options(model, **memory)
+            try:
+                graphdef, p, rng, frozen = nnx.split(model, trainable_filter(model), nnx.RngState, ...)
+            finally:
+                model.cfg = own_cfg
             self._parts[name] = _Part(graphdef, frozen)
             params[name], rngs[name] = p, rng
         # abstract models (``nnx.eval_shape``, ShapeDtypeStruct leaves): a state of shapes only, for
@@ -183,10 +193,11 @@ class Learner:
                 start += self.rows[r]
         for name in self.names:
             part = self._parts[name]
-            # fresh RNG Variables in this trace (the State's own Variables belong to the outer
-            # trace: LoRA dropout advancing their count would raise TraceContextError)
-            model = nnx.merge(part.graphdef, params[name], jax.tree.map(lambda x: x, rngs[name]),
-                              frozen[name])
+            # fresh Variables in this trace (the States' own Variables belong to the outer trace:
+            # LoRA dropout advancing its count, or a remat layer writing its state back, would
+            # raise TraceContextError)
+            fresh = lambda st: jax.tree.map(lambda x: x, st)  # noqa: E731
+            model = nnx.merge(part.graphdef, fresh(params[name]), fresh(rngs[name]), fresh(frozen[name]))
             mine = [(r, a, b) for r, a, b in spans if self.role_name[r] == name]
             # rows of one model are contiguous (planner then reflector), so one forward per model
             a, b = mine[0][1], mine[-1][2]
