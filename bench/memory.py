@@ -39,7 +39,12 @@ MB = 2 ** 20
 
 def _analysis(compiled) -> dict:
     m = compiled.memory_analysis()
-    return {k: round(getattr(m, f"{k}_size_in_bytes") / MB, 1) for k in ("temp", "argument", "output")}
+    out = {k: round(getattr(m, f"{k}_size_in_bytes") / MB, 1) for k in ("temp", "argument", "output")}
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:
+        out["gflops"] = round(float(cost["flops"]) / 1e9, 1)   # XLA's count: recompute shows here
+    return out
 
 
 def _batch(n: int, T: int, planner_rows: int) -> dict:
@@ -57,6 +62,7 @@ TRAIN_SHAPES = {"quickstart_il_2x512": ({"planner": 1, "reflector": 1}, 512),
 TRAIN_SETTINGS = (("before", 0, "default", "none"), ("head_chunk", 256, "default", "none"),
                   ("head_chunk+remat_full", 256, "default", "full"),
                   ("head_chunk+blockwise", 256, "blockwise", "none"),
+                  ("head_chunk+blockwise+remat_dots", 256, "blockwise", "dots"),
                   ("head_chunk+blockwise+remat_full", 256, "blockwise", "full"))
 
 

@@ -103,6 +103,24 @@ def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows
     return {k: np.concatenate([parts[r][k] for r in ROLES if r in parts]) for k in keys}, stats
 
 
+# ------------------------------------------------------------------------------------ memory settings
+ATTENTIONS, REMATS = ("default", "dot_product", "blockwise"), ("none", "dots", "full")
+
+
+def memory_kwargs(train_cfg: Any) -> dict:
+    """``Learner`` keyword arguments from a stage's ``train`` config: ``head_chunk`` (positions per
+    chunk of the vocabulary head, 0 = whole logits), ``attention`` and ``remat`` (the decoder's
+    memory options for the train step; bench/README.md has their memory and speed)."""
+    attn, remat = str(train_cfg.attention), str(train_cfg.remat)
+    if attn not in ATTENTIONS:
+        raise TrainError(f"config.train.attention={attn!r}: choose one of {ATTENTIONS}")
+    if remat not in REMATS:
+        raise TrainError(f"config.train.remat={remat!r}: choose one of {REMATS}")
+    if int(train_cfg.head_chunk) < 0:
+        raise TrainError(f"config.train.head_chunk must be >= 0, got {train_cfg.head_chunk}")
+    return {"head_chunk": int(train_cfg.head_chunk), "memory": {"attention": attn, "remat": remat}}
+
+
 # --------------------------------------------------------------------------------------------- learner
 @dataclasses.dataclass
 class _Part:

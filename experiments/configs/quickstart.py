@@ -36,6 +36,8 @@ def get_config():
     c.rl.collect.batch_size = 2
     c.rl.collect.planner_max_tokens = 48
     c.rl.collect.reflector_max_tokens = 48
+    c.rl.collect.cache_buckets = "2048,4096"   # one KV-cache length for these prompts: no regrowth,
+    c.rl.collect.chunk_buckets = "16,64,256,1024"  # fewer shapes to compile (bench/README.md)
     c.rl.replay.drop_zero_reward = False  # the untrained model rarely scores: keep R = 0 rows
     c.rl.replay.max_chars = 0             # keep long rows (the original drops > 5000 chars)
     c.rl.replay.max_tokens = 0            # rows are cut at the bucket instead of dropped

@@ -114,6 +114,9 @@ def default_config() -> mlc.ConfigDict:
     c.train.reflector_reward = "delta_scaled"  # delta_scaled (original code) | delta (paper Eq. 6)
     c.train.alpha = 1.0               # reflector reward coefficient
     c.train.mesh = ""
+    c.train.head_chunk = 256          # vocabulary head + log-prob in chunks of this many positions (0: whole)
+    c.train.attention = "blockwise"   # train-step attention: default | dot_product | blockwise (no [T, T] scores)
+    c.train.remat = "none"            # per-layer recompute in the backward: none | dots | full
     c.train.log_every = 10
     c.train.checkpoint_every = 200    # also at the end of every iteration
     c.train.keep_checkpoints = 2
@@ -278,7 +281,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
     if c.train.mesh:
         from retroact_jax import sharding
         mesh = sharding.make_mesh({k: int(v) for k, v in (a.split("=") for a in _list(c.train.mesh))})
-    learner = train.Learner({r: models[r] for r in trained}, optimizer=opt_cfg, loss=loss_cfg, rows=rows, mesh=mesh)
+    learner = train.Learner({r: models[r] for r in trained}, optimizer=opt_cfg, loss=loss_cfg, rows=rows, mesh=mesh,
+                            **train.memory_kwargs(c.train))
     behaviour: dict[int, _Behaviour] = {}
     for r in ("planner", "reflector"):
         if id(models[r]) not in behaviour:
