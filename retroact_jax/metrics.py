@@ -221,8 +221,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """glibc ``malloc_trim(0)``: hand freed heap pages (a stage's executables' temp buffers) back to
+    the OS so the next stage starts from what is live; a no-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class StageMemory:
-    """``with StageMemory("il") as m: ...`` -> ``m.summary``: the stage's peak and end RSS (GB), wall
+    """``with StageMemory("il") as m: ...`` -> ``m.summary``: the stage's peak and end RSS (GB; end after
+    ``malloc_trim``), wall
     seconds, compile seconds, backend compiles and persistent-cache hits / misses during the stage;
     ``line()`` is the one-line report the run prints."""
 
@@ -236,6 +247,7 @@ class StageMemory:
 
     def __exit__(self, *exc):
         c1 = compile_counters()
+        _release_free_heap()
         rss, peak = rss_gb()
         self.summary = {"peak_rss_gb": round(peak, 2), "end_rss_gb": round(rss, 2),
                         "peak_is_process_peak": not self._exact,
