@@ -12,8 +12,8 @@ Parts:
   ``ModelConfig``. For each: XLA's ``memory_analysis()`` (temp / argument / output MB) and compile
   seconds. Compile-only: nothing is executed, so the figures do not depend on the machine's load.
 * ``score``: the behaviour scorer at (8 rows x 512) and (1 x 2048).
-* ``sample``: the sampler's prefill + decode at batch 1, 8 and 32 (prompt 256 + 128 new): KV cache bytes
-  and temp MB per compiled function.
+* ``sample``: the sampler's extension (prefill) at batch 32 / 8 into a 2048-slot cache, default and
+  blockwise attention: KV cache MB and temp MB.
 * ``quickstart``: runs ``experiments.run`` on the quickstart config in a subprocess and reports its
   ``stages.json`` (peak RSS, compile seconds and persistent-cache hits per stage) and the process's
   peak RSS; run it twice with the same ``--cache_dir`` to see the persistent cache hit.
@@ -108,6 +108,32 @@ def part_score(source: str) -> dict:
     return out
 
 
+def part_sample(source: str) -> dict:
+    """KV cache bytes and the extension's temp at rollout batch sizes (the CPU Table 2: 16-32 tasks
+    in flight), with the full-scores attention and the blockwise one (a prefill of 512 tokens into a
+    2048 cache at batch 32 holds [32, 9, 512, 2048] float32 scores = 1.2 GB)."""
+    from flax import nnx
+    from retroact_jax import sampling, stages
+    from retroact_jax.models.decoder import KVCache, set_memory_options
+    models, _, cfg = stages.load_models(source, roles=("planner",))
+    model = models["planner"]
+    out = {}
+    for attn in ("default", "blockwise"):
+        set_memory_options(model, attention=attn)
+        gd, st = nnx.split(model)
+        for B, T, S in ((32, 512, 2048), (32, 64, 2048), (8, 512, 2048)):
+            cache = jax.eval_shape(lambda: KVCache.init(cfg, B, S))
+            args = (cache, jax.ShapeDtypeStruct((B, cfg.vocab_size), np.float32),
+                    jax.ShapeDtypeStruct((B, T), np.int32), jax.ShapeDtypeStruct((B, T), bool))
+            t0 = time.time()
+            c = sampling._extend_jit.lower(gd, st, *args).compile()
+            kv_mb = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(cache)) / MB
+            key = f"extend_{attn}_B{B}_T{T}_S{S}"
+            out[key] = {**_analysis(c), "kv_cache_mb": round(kv_mb, 1), "compile_s": round(time.time() - t0, 1)}
+            print(f"[memory] sample {key}: {out[key]}", file=sys.stderr)
+    return out
+
+
 def part_quickstart(run_dir: str, cache_dir: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "experiments.run", "--config=experiments/configs/quickstart.py",
            f"--config.run_dir={run_dir}", f"--compilation_cache={cache_dir}", *extra]
@@ -124,7 +150,7 @@ def part_quickstart(run_dir: str, cache_dir: str, extra: list[str]) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="train", help="comma list of train, score, quickstart")
+    ap.add_argument("--parts", default="train", help="comma list of train, score, sample, quickstart")
     ap.add_argument("--source", default="embedded", help="model source (tiny-random for a smoke run)")
     ap.add_argument("--settings", default=",".join(s[0] for s in TRAIN_SETTINGS))
     ap.add_argument("--shapes", default=",".join(TRAIN_SHAPES))
@@ -144,10 +170,12 @@ def main(argv=None) -> None:
             result["train_step"] = part_train(a.source, a.settings.split(","), a.shapes.split(","))
         elif p == "score":
             result["score"] = part_score(a.source)
+        elif p == "sample":
+            result["sample"] = part_sample(a.source)
         elif p == "quickstart":
             result["quickstart"] = part_quickstart(a.run_dir, a.cache_dir, a.quickstart_args.split())
         else:
-            raise SystemExit(f"unknown part {p!r}: train, score, quickstart")
+            raise SystemExit(f"unknown part {p!r}: train, score, sample, quickstart")
     result["loadavg_end"] = os.getloadavg()
     print(json.dumps(result))
 
