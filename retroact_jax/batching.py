@@ -22,9 +22,12 @@ whitespace) belong to the span at their start offset; empty spans own no tokens.
 
 **Boundary rule (PAPER.md §3.4 item 8).** The text trained is exactly ``"".join(span texts)``; the
 inference prompt of the same step must be the concatenation of the spans before the generated span.
-The released-data loaders (``released_data.py``) keep the original bytes (``input + output`` with no
-separator) unless told otherwise, so whoever writes the inference prompts either renders them to match
-the spans or re-renders the samples; the span structure is what both sides share.
+The released-data loaders (``released_data.py``) join ``input`` and ``output`` the way the agent's
+inference prompts do by default (``join="inference"``); ``join="original"`` keeps the original bytes.
+
+**BOS** is prepended (as a prompt token) exactly when the tokenizer's ``add_bos`` says so, the same
+decision the LM policy applies to its prompt ids (``retroact_jax.tokenizer``): the sampled, scored and
+trained sequences of one text are the same ids.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ ROLES = {"planner": losses.ROLE_PLANNER, "reflector": losses.ROLE_REFLECTOR}
 OBJECTIVES = {"il": losses.OBJECTIVE_IL, "rl": losses.OBJECTIVE_RL}
 OBSERVATION_MODES = ("trained", "masked")
 PADDINGS = ("right", "left")
+BEHAVIOUR_ALIGNMENTS = ("exact", "original")
 
 
 class SampleError(ValueError):
@@ -59,6 +63,10 @@ class Sample:
     behaviour_logp: per-token log-probs of the behaviour policy, one per non-prompt token (generated and
         observation, as the original ``ref_prob.py``) or one per generated token only; tokens of the
         sequence produced by ``tokenize_sample`` with the same tokenizer, in order.
+    behaviour_alignment: "exact" (the count must match, else SampleError) | "original" (a released
+        ``ref_prob`` list: the original collator's ``ref_prob[:n_output_tokens]``, a longer list is cut
+        and the cut values counted in ``TokenizedSample.n_behaviour_cut``; a shorter one fails, as the
+        original's ragged tensor does).
     metadata: free-form (source file, row, task id...); not compared, not used for training.
     """
     role: str
@@ -68,6 +76,7 @@ class Sample:
     last_reward: float | None = None
     current_reward: float | None = None
     behaviour_logp: tuple[float, ...] | None = None
+    behaviour_alignment: str = "exact"
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -86,6 +95,9 @@ class Sample:
         object.__setattr__(self, "spans", spans)
         if self.behaviour_logp is not None:
             object.__setattr__(self, "behaviour_logp", tuple(float(x) for x in self.behaviour_logp))
+        if self.behaviour_alignment not in BEHAVIOUR_ALIGNMENTS:
+            raise SampleError(f"unknown behaviour_alignment {self.behaviour_alignment!r}; "
+                              f"valid: {', '.join(BEHAVIOUR_ALIGNMENTS)}")
 
     @property
     def text(self) -> str:
@@ -100,6 +112,7 @@ class TokenizedSample:
     behaviour_logp: np.ndarray    # float32 [n], 0 where absent
     behaviour_mask: np.ndarray    # bool [n]
     n_boundary_tokens: int = 0    # tokens straddling a span boundary (offset fallback only)
+    n_behaviour_cut: int = 0      # behaviour log-probs dropped from an over-long released list
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -138,12 +151,11 @@ def _kinds_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tupl
     return np.asarray(kinds, np.int8), boundary
 
 
-def tokenize_sample(sample: Sample, tokenizer: Any, *, bos_id: int | None = None,
-                    eos_id: int | None = None) -> TokenizedSample:
+def tokenize_sample(sample: Sample, tokenizer: Any, *, eos_id: int | None = None) -> TokenizedSample:
     """Token ids and one span kind per token (see the module docstring for the method and why).
 
-    ``bos_id``: prepended as a prompt token. ``eos_id``: appended with the kind of the last span (the
-    original trains ``input + output + eos``).
+    BOS (``tokenizer.bos_id``) is prepended as a prompt token when ``tokenizer.add_bos`` is true.
+    ``eos_id``: appended with the kind of the last span (the original trains ``input + output + eos``).
     """
     pieces = [t for _, t in sample.spans]
     boundary = 0
@@ -159,8 +171,8 @@ def tokenize_sample(sample: Sample, tokenizer: Any, *, bos_id: int | None = None
         text = sample.text
         ids, offsets = _encode_with_offsets(tokenizer, text)
         kinds, boundary = _kinds_from_offsets(offsets, sample.spans, len(text))
-    if bos_id is not None:
-        ids = [int(bos_id)] + list(ids)
+    if getattr(tokenizer, "add_bos", False):
+        ids = [int(tokenizer.bos_id)] + list(ids)
         kinds = np.concatenate([np.asarray([KIND_PROMPT], np.int8), kinds])
     if eos_id is not None:
         ids = ids + [int(eos_id)]
@@ -168,20 +180,27 @@ def tokenize_sample(sample: Sample, tokenizer: Any, *, bos_id: int | None = None
     ids_arr = np.asarray(ids, np.int32)
     beh = np.zeros(len(ids_arr), np.float32)
     beh_mask = np.zeros(len(ids_arr), bool)
+    n_cut = 0
     if sample.behaviour_logp is not None:
         nonprompt = kinds != KIND_PROMPT
         generated = kinds == KIND_GENERATED
-        n = len(sample.behaviour_logp)
-        if n == int(nonprompt.sum()):
+        values = sample.behaviour_logp
+        n, n_out = len(values), int(nonprompt.sum())
+        if sample.behaviour_alignment == "original" and n >= n_out:
+            values, n_cut, beh_mask = values[:n_out], n - n_out, nonprompt
+        elif sample.behaviour_alignment == "original":
+            raise SampleError(f"behaviour_logp (ref_prob) has {n} values for {n_out} output tokens; the "
+                              f"original collator needs at least one per output token ({sample.metadata or 'no metadata'})")
+        elif n == n_out:
             beh_mask = nonprompt
         elif n == int(generated.sum()):
             beh_mask = generated
         else:
             raise SampleError(
-                f"behaviour_logp has {n} values but the tokenised sample has {int(nonprompt.sum())} non-prompt "
+                f"behaviour_logp has {n} values but the tokenised sample has {n_out} non-prompt "
                 f"and {int(generated.sum())} generated tokens ({sample.metadata or 'no metadata'})")
-        beh[beh_mask] = np.asarray(sample.behaviour_logp, np.float32)
-    return TokenizedSample(sample, ids_arr, kinds, beh, beh_mask, boundary)
+        beh[beh_mask] = np.asarray(values, np.float32)
+    return TokenizedSample(sample, ids_arr, kinds, beh, beh_mask, boundary, n_cut)
 
 
 def trained_mask(kinds, observations: str = "trained"):
@@ -211,6 +230,7 @@ class Batch:
     n_rows: int                     # real rows (the rest are empty filler rows)
     n_truncated: int                # rows cut at max_len
     n_rows_untrained: int           # real rows left with no trained token (e.g. all cut by truncation)
+    n_behaviour_cut: int = 0        # behaviour log-probs cut from over-long released lists (original rule)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith(("_BxT", "_B"))}
@@ -284,7 +304,8 @@ def collate(samples: Sequence[TokenizedSample], buckets: Sequence[int], pad_id: 
         behaviour_mask_BxT=out["beh_mask"], role_B=role, objective_B=objective, reward_B=reward,
         lengths_B=np.asarray(lens + [0] * (B - n), np.int32), n_rows=n,
         n_truncated=sum(len(s) > max_len for s in samples),
-        n_rows_untrained=int(np.sum(~loss_mask[:n].any(axis=1))))
+        n_rows_untrained=int(np.sum(~loss_mask[:n].any(axis=1))),
+        n_behaviour_cut=sum(s.n_behaviour_cut for s in samples))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,10 +14,19 @@ Default = the original code (``R:hotpotqa/rl/modeling_policy.py``, PAPER.md §3.
 ``loss = mean over all T-1 positions of -w_t * R_t * logp_t`` (masked positions add 0 but count).
 
 Normalisations (per part: planner RL, reflector RL, IL):
-* ``"positions"`` (original): every row's masked sum is divided by its own number of shifted positions,
-  ``n_valid - 1`` (padding excluded, prompt included), then rows are averaged. With micro-batch 1 (the
-  original's setting) this is exactly its ``.mean()``; a batch of B rows equals B accumulated micro-batches.
-* ``"tokens"`` (HF CE default, RLMEC): the batch's masked sum divided by its number of trained tokens.
+* ``"positions"`` (the original RL stage, its policy-gradient term and its IL regulariser): every row's
+  masked sum is divided by its own number of shifted positions, ``n_valid - 1`` (padding excluded, prompt
+  included), then rows are averaged. With micro-batch 1 (the original's setting) this is exactly its
+  ``.mean()``; a batch of B rows equals B accumulated micro-batches.
+* ``"tokens"`` (the original IL stage = HF's causal-LM cross-entropy, RLMEC): the batch's masked sum
+  divided by its number of trained tokens; with one row per part, HF's mean over that row's label tokens.
+Filler rows (no valid token: ``train.collate_step`` pads a step to a fixed row count) never count, in
+either normalisation.
+
+Rounding (``LossConfig.behaviour_dtype``): the original collator builds the reward and reference
+log-prob vectors as bfloat16 tensors, so its ratio is ``exp(logp_f32 - bf16(logp_beh))`` and its
+weight multiplies ``bf16(R)``. ``"bfloat16"`` reproduces that (the original code's numbers, to float32
+rounding); ``"float32"`` (default) keeps both exact (the ratio is exactly 1 on-policy).
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ RL_VARIANTS = ("detached_clip", "paper_clip", "ppo_clip", "rlmec_min")
 NORMALIZATIONS = ("positions", "tokens")
 REFLECTOR_REWARDS = ("delta", "delta_scaled")
 ROLE_POOLINGS = ("per_role", "pooled")
+BEHAVIOUR_DTYPES = ("float32", "bfloat16")
 
 
 class LossConfigError(ValueError):
@@ -148,6 +158,7 @@ def _normalize(per_token_BxT: jax.Array, mask_BxT: jax.Array, valid_BxT: jax.Arr
                normalization: str) -> jax.Array:
     """Reduce a per-token loss over the rows ``rows_B`` (see the module docstring)."""
     _check_choice("normalization", normalization, NORMALIZATIONS)
+    rows_B = rows_B & jnp.any(valid_BxT, axis=1)   # filler rows (all padding) never count
     m = mask_BxT.astype(jnp.float32) * rows_B.astype(jnp.float32)[:, None]
     summed_B = jnp.sum(per_token_BxT * m, axis=1)
     if normalization == "tokens":
@@ -234,7 +245,10 @@ class LossConfig:
 
     rl_variant: one of RL_VARIANTS (default the original code's ``detached_clip``)
     epsilon: clip range of the ratio (README ``clip_episode`` 0.3)
-    rl_normalization / il_normalization: ``positions`` (original) | ``tokens``
+    rl_normalization / il_normalization: ``positions`` (the original RL stage, both terms) | ``tokens``
+        (the original IL stage: HF's mean over label tokens)
+    behaviour_dtype: ``float32`` (exact) | ``bfloat16`` (the original collator: behaviour log-probs and
+        rewards rounded to bfloat16 before the ratio and the weight)
     il_coef: λ of the IL regulariser (``regular_coefficient`` 1.0)
     role_pooling: ``per_role`` (Eq. 9 + Eq. 10: planner and reflector parts are each a mean over their
         own rows, summed) | ``pooled`` (one mean over all RL rows and one over all IL rows, what the
@@ -248,12 +262,14 @@ class LossConfig:
     il_normalization: str = "positions"
     il_coef: float = 1.0
     role_pooling: str = "per_role"
+    behaviour_dtype: str = "float32"
 
     def __post_init__(self):
         _check_choice("rl variant", self.rl_variant, RL_VARIANTS)
         _check_choice("rl normalization", self.rl_normalization, NORMALIZATIONS)
         _check_choice("il normalization", self.il_normalization, NORMALIZATIONS)
         _check_choice("role pooling", self.role_pooling, ROLE_POOLINGS)
+        _check_choice("behaviour dtype", self.behaviour_dtype, BEHAVIOUR_DTYPES)
         if not 0.0 < float(self.epsilon) < 1.0:
             raise LossConfigError(f"epsilon must lie in (0, 1), got {self.epsilon!r}")
 
@@ -299,11 +315,16 @@ def joint_loss(logp_BxT: jax.Array, entropy_BxT: jax.Array, batch: Mapping[str, 
     valid = batch["valid_BxT"].astype(bool)
     role, obj = batch["role_B"], batch["objective_B"]
     beh_mask = batch["behaviour_mask_BxT"].astype(bool)
-    beh = jnp.where(beh_mask, batch["behaviour_logp_BxT"], jax.lax.stop_gradient(logp_BxT))
-    is_rl, is_il = obj == OBJECTIVE_RL, obj == OBJECTIVE_IL
+    beh_in, reward = batch["behaviour_logp_BxT"], batch["reward_BxT"]
+    if cfg.behaviour_dtype == "bfloat16":   # the original collator's bf16 tensors
+        beh_in = jnp.asarray(beh_in).astype(jnp.bfloat16).astype(jnp.float32)
+        reward = jnp.asarray(reward).astype(jnp.bfloat16).astype(jnp.float32)
+    beh = jnp.where(beh_mask, beh_in, jax.lax.stop_gradient(logp_BxT))
+    real = jnp.any(valid, axis=1)           # filler rows count in no part
+    is_rl, is_il = (obj == OBJECTIVE_RL) & real, (obj == OBJECTIVE_IL) & real
     is_pl, is_rf = role == ROLE_PLANNER, role == ROLE_REFLECTOR
 
-    tok, rho = pg_token_loss(logp_BxT, beh, batch["reward_BxT"], variant=cfg.rl_variant, epsilon=cfg.epsilon)
+    tok, rho = pg_token_loss(logp_BxT, beh, reward, variant=cfg.rl_variant, epsilon=cfg.epsilon)
     m: dict[str, jax.Array] = {}
     if cfg.role_pooling == "per_role":
         m["rl_planner"] = _normalize(tok, mask, valid, is_rl & is_pl, cfg.rl_normalization)

@@ -26,8 +26,15 @@ Rows ``{instruction, input, output, type, [reward | last_reward, current_reward]
   (default, the original's data) loads them with an empty generated span (only an appended EOS is then
   trained; with no EOS the row has no trained token, which ``collate`` counts); ``"skip"`` lists them in
   ``Loaded.skipped``. An empty planner output is always a bad row.
-* ``input_output_separator`` (default ``""``, the original's concatenation) is appended to the prompt span,
-  e.g. ``"\\n"`` to match an inference prompt with a newline before ``Thought 1:`` (PAPER.md §3.4 item 8).
+* ``join``: how ``input`` and ``output`` meet. ``"inference"`` (default) = as the agent's inference
+  prompt renders the same step (agent/prompts.py, protocols.py), so the training text tokenises like the
+  inference prompt: InterCode planner rows get the ``\\n`` before ``Thought 1:`` (``...Question: X`` +
+  ``\\nThought 1:``), ALFWorld planner rows the space the model writes after ``>`` (``\\n>`` +
+  `` think: ...``, as every later action line). ``"original"`` = the original's ``input + output``
+  bytes, no separator (PAPER.md §3.4 item 8). Reflector rows are the same under both.
+* ``ref_prob`` (RL rows, optional): the behaviour log-probs written by the original ``ref_prob.py``
+  become ``Sample.behaviour_logp`` with ``behaviour_alignment="original"``: the original collator's
+  ``ref_prob[:n_output_tokens]`` (an over-long list is cut and counted, ``batching.tokenize_sample``).
 
 Bad rows raise ``DataRowError`` naming the file and row index, or with ``skip_bad=True`` are skipped and
 listed in ``Loaded.skipped`` (never silently).
@@ -51,7 +58,7 @@ _TAIL = re.compile(r"\n\nSTATUS: (OK|FAIL)(?:\nREWARD: (\S+))?$")
 _IC_LINE = re.compile(r"(Thought|Action|Observation) (\d+):")
 _IC_ORDER = ("Thought", "Action", "Observation")
 _OPTION_CHOICES = {"status_tail": ("observation", "drop"), "step_prefix": ("observation", "generated"),
-                   "empty_reflections": ("keep", "skip")}
+                   "empty_reflections": ("keep", "skip"), "join": ("inference", "original")}
 
 
 class DataRowError(ValueError):
@@ -137,7 +144,7 @@ def _number(row: dict, key: str) -> float:
 
 def row_to_sample(row: Any, env: str, objective: str, *, status_tail: str = "observation",
                   step_prefix: str = "observation", reflection_prefix: str = " ",
-                  input_output_separator: str = "", empty_reflections: str = "keep",
+                  join: str = "inference", empty_reflections: str = "keep",
                   metadata: dict | None = None) -> Sample:
     """One row -> Sample; raises ValueError saying what is wrong with the row."""
     if not isinstance(row, dict):
@@ -147,7 +154,8 @@ def row_to_sample(row: Any, env: str, objective: str, *, status_tail: str = "obs
     allowed = {"instruction", "input", "output", "type"}
     if objective == "rl":
         allowed |= {"reward"} if row.get("type") == "planner" else {"last_reward", "current_reward"}
-    missing, extra = sorted(allowed - set(row)), sorted(set(row) - allowed)
+    optional = {"ref_prob"} if objective == "rl" else set()
+    missing, extra = sorted(allowed - set(row)), sorted(set(row) - allowed - optional)
     if missing or extra:
         raise ValueError(f"fields missing {missing} / unexpected {extra} for a {objective} "
                          f"{row.get('type')!r} row")
@@ -164,7 +172,15 @@ def row_to_sample(row: Any, env: str, objective: str, *, status_tail: str = "obs
     if not out.strip() and empty_reflections == "skip":
         raise _Skip("empty reflection (empty_reflections='skip')")
     meta = dict(metadata or {}, env=env)
-    prompt = [("prompt", inp + input_output_separator)]
+    behaviour = {}
+    if "ref_prob" in row:
+        ref = row["ref_prob"]
+        if not isinstance(ref, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                and math.isfinite(x) for x in ref):
+            raise ValueError("field 'ref_prob' must be a list of finite numbers")
+        behaviour = {"behaviour_logp": tuple(float(x) for x in ref), "behaviour_alignment": "original"}
+    separator = "\n" if join == "inference" and env == "intercode" and row["type"] == "planner" else ""
+    prompt = [("prompt", inp + separator)]
     if row["type"] == "reflector":
         if not inp.rstrip().endswith("New plan:"):
             raise ValueError("a reflector input must end with 'New plan:'")
@@ -175,7 +191,7 @@ def row_to_sample(row: Any, env: str, objective: str, *, status_tail: str = "obs
         rewards = ({"last_reward": _number(row, "last_reward"), "current_reward": _number(row, "current_reward")}
                    if objective == "rl" else {})
         return Sample("reflector", tuple(prompt + [("generated", reflection_prefix + reflection)]),
-                      objective=objective, metadata=meta, **rewards)
+                      objective=objective, metadata=meta, **rewards, **behaviour)
     tail = _TAIL.search(out)
     body, tail_text = (out[:tail.start()], tail.group(0)) if tail else (out, "")
     reward = _number(row, "reward") if objective == "rl" else None
@@ -190,6 +206,9 @@ def row_to_sample(row: Any, env: str, objective: str, *, status_tail: str = "obs
         if not inp.endswith(">"):
             raise ValueError("an ALFWorld planner input must end with '>'")
         steps = _alfworld_spans(body, step_prefix)
+        if join == "inference" and not steps[0][1].startswith(" "):
+            separator = " "                                 # "\n>" + " think: ..." as at inference
+            steps[0] = ("generated", separator + steps[0][1])
     else:
         steps = _intercode_spans(body, step_prefix)
     if tail_text and status_tail == "observation":
@@ -197,10 +216,10 @@ def row_to_sample(row: Any, env: str, objective: str, *, status_tail: str = "obs
     if tail:
         meta["status"] = tail.group(1)
     spans = prompt + steps
-    expect = inp + input_output_separator + (out if status_tail == "observation" else body)
+    expect = inp + separator + (out if status_tail == "observation" else body)
     if "".join(t for _, t in spans) != expect:  # invariant of the parsers above
         raise ValueError("internal: the spans do not reassemble the row's text")
-    return Sample("planner", tuple(spans), objective=objective, reward=reward, metadata=meta)
+    return Sample("planner", tuple(spans), objective=objective, reward=reward, metadata=meta, **behaviour)
 
 
 def samples_from_rows(rows: Sequence[Any], env: str, objective: str, *, source: str = "<rows>",

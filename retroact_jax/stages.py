@@ -138,7 +138,9 @@ class TrainCheckpoints:
         return step
 
     def restore(self, learner: train.Learner, step: int | None = None) -> dict | None:
-        """Load the latest (or ``step``) checkpoint into ``learner.state``; its meta, or None if none."""
+        """Load the newest intact (or ``step``) checkpoint into ``learner.state``; its meta, or None
+        if none. The run's writer calls this at its start: leftover temporary folders are removed."""
+        self.ck.clean_leftovers()
         step = self.latest_step if step is None else step
         if step is None:
             return None

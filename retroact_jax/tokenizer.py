@@ -2,8 +2,16 @@
 SentencePiece (.model) and transformers ``AutoTokenizer`` (any other HF tokenizer directory).
 
     tok = load_tokenizer(path)        # tokenizer.json | *.model | HF directory
-    ids = tok.encode("Hello", add_bos=False)
+    ids = tok.encode("Hello", add_bos=tok.add_bos)     # = transformers' tokenizer("Hello")
     ids, piece_of_token = tok.encode_pieces([prompt, completion, observation])
+
+**BOS.** ``tok.add_bos`` is the one place that says whether this model family's sequences start with
+BOS: what transformers' ``tokenizer(text)`` (and so vLLM, and the original's HF training) does for the
+same files. tokenizer.json: ``add_bos_token`` of tokenizer_config.json when it is set, else whether the
+post-processor inserts the BOS id (Llama-2/3: yes; SmolLM2, Qwen2: no); SentencePiece ``.model``:
+``add_bos_token`` when set, else True (the Llama convention); transformers back end: asked directly.
+The sampler's prompt ids (agent/lm_policy.py), the scored and the trained sequences
+(``batching.tokenize_sample``) all read it; ``encode`` itself never adds BOS unless asked.
 
 ``encode_pieces`` is how training and inference agree on tokens: the pieces are concatenated and the
 full text is tokenised ONCE (so the trained sequence tokenises exactly like the inference prompt of
@@ -37,6 +45,7 @@ class Tokenizer(abc.ABC):
     """Common interface. Subclasses set the special ids and implement ``_encode_offsets``."""
 
     bos_id: int | None
+    add_bos: bool = False    # sequences start with BOS (see the module docstring)
     eos_ids: tuple[int, ...]
     pad_id: int | None
     chat_template: str | None
@@ -150,6 +159,10 @@ class HFTokenizer(Tokenizer):
         self._tok.no_padding()
         self._tok.no_truncation()
         _set_specials(self, config or {}, self._tok.token_to_id, eos_ids)
+        with_specials = self._tok.encode("a", add_special_tokens=True).ids
+        inserted = (self.bos_id is not None and len(with_specials) > len(self._tok.encode("a", add_special_tokens=False).ids)
+                    and with_specials[0] == self.bos_id)
+        self.add_bos = _config_add_bos(config or {}, default=inserted)
         # Anchor for decode_token: decoders strip a leading space at the start of a sequence.
         self._anchor = self._tok.encode("a", add_special_tokens=False).ids[-1:]
 
@@ -200,6 +213,7 @@ class SentencePieceTokenizer(Tokenizer):
             i = sp.piece_to_id(piece)
             return None if i == sp.unk_id() and piece != sp.id_to_piece(sp.unk_id()) else i
         _set_specials(self, cfg, to_id, eos_ids)
+        self.add_bos = _config_add_bos(cfg, default=self.bos_id is not None)
 
     @property
     def vocab_size(self) -> int:
@@ -266,6 +280,9 @@ class TransformersTokenizer(Tokenizer):
         self.eos_ids = tuple(eos_ids) if eos_ids else (
             (t.eos_token_id,) if t.eos_token_id is not None else ())
         self.chat_template = getattr(t, "chat_template", None)
+        with_specials = t("a")["input_ids"]
+        self.add_bos = (self.bos_id is not None and len(with_specials) > len(t("a", add_special_tokens=False)["input_ids"])
+                        and with_specials[0] == self.bos_id)
 
     @property
     def vocab_size(self) -> int:
@@ -291,6 +308,15 @@ class TransformersTokenizer(Tokenizer):
 # ----------------------------------------------------------------------------------------- loading
 def _token_str(v: Any) -> str | None:
     return v.get("content") if isinstance(v, dict) else v
+
+
+def _config_add_bos(cfg: dict, default: bool) -> bool:
+    v = cfg.get("add_bos_token")
+    if v is None:
+        return bool(default)
+    if not isinstance(v, bool):
+        raise TokenizerError(f"add_bos_token must be true or false, got {v!r}")
+    return v
 
 
 def _set_specials(tok: Tokenizer, cfg: dict, to_id, eos_ids: Sequence[int] | None) -> None:

@@ -1,4 +1,5 @@
 """batching.py (spans -> tokens, collate, resumable epochs) and released_data.py (the RetroAct files)."""
+import dataclasses
 import collections
 import re
 
@@ -84,8 +85,9 @@ def test_span_by_span_tokenization_differs_and_is_not_used(bpe):
 
 def test_boundary_token_goes_to_the_later_span_and_is_counted():
     tok = WhitespaceTokenizer()
+    tok.add_bos, tok.bos_id = True, 1
     s = Sample("planner", (("prompt", "say hel"), ("generated", "lo world"), ("observation", "")))
-    ts = batching.tokenize_sample(s, tok, bos_id=1, eos_id=2)
+    ts = batching.tokenize_sample(s, tok, eos_id=2)
     assert ts.n_boundary_tokens == 1  # "hello" straddles prompt / generated
     assert ts.ids[0] == 1 and ts.ids[-1] == 2
     # bos, "say", " ", "hello", " ", "world", eos; the empty last span owns no text token, eos takes its kind
@@ -310,10 +312,14 @@ def test_released_spans_reassemble_the_original_text(alfworld, intercode_rl):
     from envs import data
     for loaded, name in ((alfworld, "retroact/alfworld_il.json"), (intercode_rl, "retroact/intercode_rl.json")):
         rows = json.load(open(data.path(name)))
-        for s, row in zip(loaded.samples, rows):
+        original = rd.load_retroact(name.split("/")[1][:-5], join="original").samples
+        sep = " " if "alfworld" in name else "\n"   # join="inference" (default): as the agent renders it
+        for s, o, row in zip(loaded.samples, original, rows):
             if s.role == "planner":
-                assert s.text == row["input"] + row["output"]
+                assert o.text == row["input"] + row["output"]
+                assert s.text == row["input"] + sep + row["output"]
             else:
+                assert s == o
                 assert s.text == row["input"] + " " + row["output"].strip()
                 assert s.spans[-1] == ("generated", " " + row["output"].strip())
 
@@ -322,7 +328,8 @@ def test_alfworld_planner_spans(alfworld):
     s = alfworld.samples[0]
     kinds = [k for k, _ in s.spans]
     assert kinds[0] == "prompt" and s.spans[0][1].endswith("\n>")
-    assert s.spans[1] == ("generated", s.spans[1][1]) and s.spans[1][1].startswith("think:")
+    # inference: the cue "\n>", then the model writes " think: ...\n" (as every later "> action" line)
+    assert s.spans[1] == ("generated", s.spans[1][1]) and s.spans[1][1].startswith(" think:")
     assert s.spans[2] == ("observation", "OK.\n") and s.spans[3] == ("observation", ">")
     gen = [t for k, t in s.spans if k == "generated"]
     assert all(t.endswith("\n") for t in gen) and " go to fridge 1\n" in gen
@@ -338,8 +345,10 @@ def test_intercode_planner_spans(intercode_rl):
     assert s.spans[3][0] == "generated" and s.spans[3][1].startswith("Action 1: execute[")
     assert s.spans[4][0] == "observation" and s.spans[4][1].startswith("Observation 1:")
     assert s.spans[-1] == ("observation", "\n\nSTATUS: OK\nREWARD: 1.0")
-    sep = rd.load_retroact("intercode_rl", input_output_separator="\n").samples[0]
-    assert sep.spans[0][1].endswith("?\n") and sep.text == s.spans[0][1] + "\n" + s.text[len(s.spans[0][1]):]
+    # inference renders "...Question: X" + "\nThought 1:" (protocols.InterCodeProtocol); so does the row
+    assert s.spans[0][1].endswith("?\n") and s.text[len(s.spans[0][1]) - 2:].startswith("?\nThought 1:")
+    orig = rd.load_retroact("intercode_rl", join="original").samples[0]
+    assert orig.spans[0][1] + "\n" == s.spans[0][1] and s.text == orig.spans[0][1] + "\n" + orig.text[len(orig.spans[0][1]):]
 
 
 GOOD_IC = {"instruction": "", "type": "planner", "input": "Q?", "reward": 1.0,
@@ -393,3 +402,27 @@ def test_released_samples_collate_with_real_tokenizer(bpe, intercode_rl):
     np.testing.assert_allclose(b.reward_B, want, rtol=1e-6)
     assert b.n_truncated == 0 and b.n_rows_untrained == 0
     assert all(b.loss_mask_BxT[i, b.lengths_B[i] - 1] for i in range(6))  # eos trained, as the original
+
+
+def test_released_ref_prob_is_cut_and_counted_as_the_original():
+    """A ref_prob list (the original ref_prob.py) longer than the output: ``ref_prob[:n_output]``."""
+    tok = WhitespaceTokenizer()
+    row = dict(GOOD_IC, output="Thought 1: t\nAction 1: submit\nObservation 1: []")
+    s0 = rd.row_to_sample(row, "intercode", "rl")
+    n_out = int(np.sum(batching.tokenize_sample(s0, tok, eos_id=2).kinds != KIND_PROMPT))
+    ref = [-0.1 * (i + 1) for i in range(n_out + 3)]
+    s = rd.row_to_sample(dict(row, ref_prob=ref), "intercode", "rl")
+    assert s.behaviour_alignment == "original"
+    ts = batching.tokenize_sample(s, tok, eos_id=2)
+    assert ts.n_behaviour_cut == 3 and ts.behaviour_mask.sum() == n_out
+    np.testing.assert_allclose(ts.behaviour_logp[ts.behaviour_mask], ref[:n_out], rtol=1e-6)
+    b = batching.collate([ts, ts], [256], pad_id=0)
+    assert b.n_behaviour_cut == 6
+    with pytest.raises(batching.SampleError, match="at least one per output token"):
+        batching.tokenize_sample(rd.row_to_sample(dict(row, ref_prob=ref[:n_out - 1]), "intercode", "rl"), tok,
+                                 eos_id=2)
+    with pytest.raises(ValueError, match="list of finite numbers"):
+        rd.row_to_sample(dict(row, ref_prob=[0.0, "x"]), "intercode", "rl")
+    # an exact-count sample (the project's own scoring) still refuses a wrong count
+    with pytest.raises(batching.SampleError, match="non-prompt"):
+        batching.tokenize_sample(dataclasses.replace(s, behaviour_alignment="exact"), tok, eos_id=2)

@@ -252,6 +252,8 @@ def test_controller_ignores_signals_from_inside(env):
         assert (obs, done) == ("alive\n", False) and "sandbox_error" not in info, (sig, obs)
     assert env.step("execute[cd /testbed; kill -INT 1; pwd]")[0] == "/testbed\n"
     assert env.step("execute[pwd]")[0] == "/testbed\n"              # state kept: same controller
+    # orphans that exit while the command runs are reaped by the controller (PID 1) at once
+    assert env.step("execute[for i in 1 2 3; do (true &); done; sleep 0.5; ps -eo stat= | grep -c Z]")[0] == "0\n"
     _, r, done, info = env.step("submit")
     assert done and "sandbox_error" not in info
 

@@ -196,6 +196,10 @@ def _replay(env) -> dict[int, float]:
         env.step(f"execute[{t.data['gold']}]")
         _, r, done, info = env.step("submit")
         assert done and info["success"] == (r == 1.0) and info["score"] == r
+        # the gold ran on the episode's connection, reset (the tie order of the 13-16 tie golds needs it)
+        assert info["gold_session"] == "reset", (t.id, info)
+        broken = t.data["ic_index"] in BROKEN_GOLDS
+        assert (info["gold_error"] is not None) == broken, (t.id, info)
         rewards[t.data["ic_index"]] = r
     return rewards
 
@@ -354,3 +358,215 @@ def test_fuzz_untrusted_actions(server, env):
     env.reset(0)
     assert env.step(f"execute[{env.tasks[0].data['gold']}]")[0].startswith("[(")
     assert env.step("submit")[1] == 1.0
+
+
+# -- the gold runs on a session in the default state (issue: SET ... then an empty SELECT scored 99/100) --
+EMPTY = "execute[SELECT 1 FROM DUAL WHERE 1=0]"
+# every way we know for an agent to change its session; {db} = another task database, {t} = a table
+SESSION_HACKS = [
+    "SET SESSION max_join_size=1", "SET max_join_size=1", "SET @@max_join_size=1", "SET @@session.max_join_size=1",
+    "SET LOCAL max_join_size=1", "SET @@local.max_join_size=1", "SET SESSION max_join_size=1, sql_mode='ANSI_QUOTES'",
+    "SET SESSION sql_mode='ANSI_QUOTES'", "SET sql_mode='ANSI'", "SET sql_mode='ORACLE'", "SET sql_mode='MSSQL'",
+    "SET sql_mode='PIPES_AS_CONCAT,ONLY_FULL_GROUP_BY,NO_BACKSLASH_ESCAPES,HIGH_NOT_PRECEDENCE'",
+    "SET sql_mode='PAD_CHAR_TO_FULL_LENGTH'", "SET NAMES latin1", "SET NAMES binary", "SET NAMES ascii",
+    "SET CHARACTER SET latin1", "SET character_set_client=latin1", "SET character_set_connection=ascii",
+    "SET character_set_results=latin1", "SET character_set_results=NULL", "SET collation_connection='utf8mb4_bin'",
+    "SET character_set_database=latin1", "SET character_set_server=latin1", "SET collation_server='latin1_bin'",
+    "SET rand_seed1=1, rand_seed2=2", "SET insert_id=7", "SET last_insert_id=7",
+    "SET sql_select_limit=0", "SET @@sql_select_limit=1", "SET max_statement_time=0.000001", "SET autocommit=1",
+    "SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE", "SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED",
+    "SET SESSION TRANSACTION READ ONLY", "START TRANSACTION READ ONLY", "START TRANSACTION WITH CONSISTENT SNAPSHOT",
+    "SET time_zone='+13:00'", "SET time_zone='-12:00'", "SET lc_time_names='de_DE'", "SET timestamp=1",
+    "SET div_precision_increment=0", "SET group_concat_max_len=4", "SET max_sort_length=4", "SET big_tables=1",
+    "SET sort_buffer_size=1", "SET optimizer_switch='index_merge=off,derived_merge=off,in_to_exists=off'",
+    "SET optimizer_search_depth=1", "SET join_cache_level=0", "SET tmp_table_size=1024",
+    "SET max_heap_table_size=16384", "SET sql_big_selects=0", "SET in_predicate_conversion_threshold=1",
+    "SET max_length_for_sort_data=4", "SET default_week_format=7", "SET sql_auto_is_null=1",
+    "SET old_mode='ZERO_DATE_TIME_CAST'", "SET sql_safe_updates=1", "SET max_recursive_iterations=0", "SET lock_wait_timeout=1", "SET innodb_lock_wait_timeout=1",
+    "SET net_read_timeout=1", "SET net_write_timeout=1", "SET max_error_count=0", "SET @x=1", "SET @@x=1",
+    "SET ROLE NONE", "USE {db}", "USE information_schema", "PREPARE s FROM 'SELECT 1 FROM DUAL WHERE 1=0'",
+    "DO GET_LOCK('ic_lock', 0)", "SET STATEMENT max_join_size=1 FOR SELECT 1", "LOCK TABLES {t} READ",
+    "CREATE TEMPORARY TABLE t (a INT)", "SET PASSWORD = PASSWORD('evil')", "SET wait_timeout=1",
+    ["XA START 'ic'", "XA END 'ic'", "XA PREPARE 'ic'"], ["XA START 'ic2'"],
+    ["SET SESSION max_join_size=1", "SET sql_mode='ANSI_QUOTES'", "SET NAMES latin1", "USE {db}", "SET ROLE NONE"],
+]
+
+
+def _hack_tasks(env, n: int):
+    """``n`` test tasks over different databases whose gold is a non-empty result set."""
+    out, seen = [], set()
+    for t in env.tasks[:100]:   # env covers split "all": its first 100 tasks are the test split
+        rows, err = env.gold_result(t)
+        if err is None and rows and t.data["db"] not in seen:
+            out.append(t)
+            seen.add(t.data["db"])
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.mariadb
+def test_issue_session_hacks_on_all_test_tasks(env):
+    empty_gold = {t.data["ic_index"] for t in env.tasks[:100] if env.gold_result(t)[0] == []}
+    for seq in (["execute[SET SESSION max_join_size=1]", EMPTY], ["execute[SET SESSION sql_mode='ANSI_QUOTES']", EMPTY],
+                [EMPTY]):
+        wins = set()
+        for t in env.tasks[:100]:
+            env.reset(t)
+            for a in seq:
+                env.step(a)
+            _, r, done, info = env.step("submit")
+            assert done and info["gold_error"] is None and info["gold_session"] == "reset"
+            if r == 1.0:
+                wins.add(t.data["ic_index"])
+        assert wins == empty_gold, seq   # only the tasks whose gold really is empty (7 of 100)
+    assert len(empty_gold) < 10
+
+
+@pytest.mark.mariadb
+def test_every_session_change_scores_zero(env):
+    tasks = _hack_tasks(env, 8)
+    other = {t.data["db"]: next(d for d in ("car_1", "world_1") if d != t.data["db"]) for t in tasks}
+    fresh = []
+    for hack in SESSION_HACKS:
+        for t in tasks:
+            env.reset(t)
+            for s in ([hack] if isinstance(hack, str) else hack):
+                stmt = s.format(db=other[t.data["db"]], t=next(iter(t.data["db_tables"])))
+                env.step(f"execute[{stmt}]")
+            env.step(EMPTY)
+            _, r, done, info = env.step("submit")
+            assert done and r == 0.0 and info["gold_error"] is None, (hack, t.id, info)
+            if info["gold_session"] != "reset":
+                fresh.append((hack, t.id))
+    # only the session the server itself closed (wait_timeout=1, after a slow step) may need a fresh connection
+    assert {h for h, _ in fresh} <= {"SET wait_timeout=1"}, fresh
+
+
+@pytest.mark.mariadb
+def test_reset_restores_a_fresh_connections_session(server):
+    r = SqlRunner(server)
+    try:
+        r.start_episode("world_1")
+        base = r._fingerprint(r._cnx)
+        for hack in SESSION_HACKS:
+            for s in ([hack] if isinstance(hack, str) else hack):
+                r.execute(s.format(db="car_1", t="city"))
+            if hack == "SET wait_timeout=1":
+                continue
+            assert r.reset_session("world_1") and r.session_is_default("world_1"), hack
+            assert r._fingerprint(r._cnx) == base, hack
+            assert r.execute("SELECT @x") == [(None,)], hack
+            assert r.execute("EXECUTE s").startswith("Error executing query: Unknown prepared statement")
+        assert r.execute("CREATE TEMPORARY TABLE t (a INT)").startswith("Error executing query: Access denied")
+        assert r.execute("LOCK TABLES city READ").startswith("Error executing query: Access denied")
+    finally:
+        r.close()
+
+
+@pytest.mark.mariadb
+def test_failed_gold_is_flagged_not_empty(env):
+    for i in sorted(BROKEN_GOLDS):
+        env.reset(env.tasks[i])
+        env.step(EMPTY)                     # before: a failed gold was [] and matched this
+        _, r, done, info = env.step("submit")
+        assert done and r == 0.0 and not info["success"]
+        assert info["gold_error"].startswith("Error executing query:"), info
+
+
+@pytest.mark.mariadb
+def test_prepared_xa_transactions_do_not_outlive_the_episode(server, env):
+    import pymysql
+    t = _hack_tasks(env, 1)[0]
+    env.reset(t)
+    for s in ["XA START 'ic_left'", f"SELECT * FROM {next(iter(t.data['db_tables']))} LIMIT 1 FOR UPDATE",
+              "XA END 'ic_left'", "XA PREPARE 'ic_left'"]:
+        assert not env.step(f"execute[{s}]")[0].startswith("Error"), s
+    cnx = pymysql.connect(**server.admin(), ssl_disabled=True)
+    try:
+        with cnx.cursor() as cur:
+            cur.execute("XA RECOVER")
+            assert any(bytes(x[3]) == b"ic_left" for x in cur.fetchall())
+            env.step("submit")
+            cur.execute("XA RECOVER")
+            assert cur.fetchall() == ()
+    finally:
+        cnx.close()
+
+
+# -- leftovers: users of killed processes, tracebacks after capped results -------------------------
+def _env_users(info) -> set[str]:
+    import pymysql
+    cnx = pymysql.connect(**info.admin(), ssl_disabled=True)
+    try:
+        with cnx.cursor() as cur:
+            cur.execute("SELECT User FROM mysql.user WHERE User LIKE 'ic\\_env\\_%'")
+            return {r[0] for r in cur.fetchall()}
+    finally:
+        cnx.close()
+
+
+_HOLDER = """
+import sys, time, envs
+env = envs.make("intercode_sql", "test")
+env.reset(0)
+print(env._runner.user, flush=True)
+sys.stdin.read()
+env.close()
+"""
+
+
+@pytest.mark.mariadb
+def test_user_of_a_sigkilled_process_is_dropped_at_the_next_start(server):
+    import signal
+    from envs.intercode_sql import users
+    procs = [subprocess.Popen([sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        killed, alive = (p.stdout.readline().strip() for p in procs)
+        assert {killed, alive} <= _env_users(server)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=30)
+        assert killed in _env_users(server)            # a SIGKILL runs no cleanup
+        r = SqlRunner(server)                          # the next runner drops it, and only it
+        try:
+            assert killed in r.dropped_stale_users and alive not in r.dropped_stale_users
+            now = _env_users(server)
+            assert killed not in now and {alive, r.user} <= now
+            assert not (users.lock_dir(server.state_dir) / f"{killed}.lock").exists()
+        finally:
+            r.close()
+        procs[1].communicate("", timeout=60)           # a clean exit drops its own user
+        assert procs[1].returncode == 0 and alive not in _env_users(server)
+        assert r.user not in _env_users(server)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+_CAPPED = """
+from envs.intercode_sql import server as srv
+from envs.intercode_sql.session import SqlRunner
+info, _ = srv.start()
+r = SqlRunner(info, timeout_s=0.5, byte_cap=1 << 16)
+r.start_episode("world_1")
+print(r.execute("SELECT REPEAT(Name, 100) FROM city"))        # byte cap hit with rows still unread
+print(r.execute("SET STATEMENT max_statement_time=0 FOR SELECT REPEAT('x', 20000), SLEEP(1) FROM city LIMIT 12"))
+print(r.execute("SELECT COUNT(*) FROM city"))
+print(r.execute("SELECT * FROM no_such_table"))
+r.close()
+"""
+
+
+@pytest.mark.mariadb
+def test_capped_results_print_no_traceback(server):
+    p = subprocess.run([sys.executable, "-c", _CAPPED], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.splitlines() == [
+        "Error executing query: the result has more than 0 MiB (this environment's result cap)",
+        # rows streamed slowly under SET STATEMENT max_statement_time=0: the wall-clock watchdog ends it
+        "Error executing query: Query execution was interrupted (max_statement_time exceeded)",
+        "[(4079,)]",
+        "Error executing query: Table 'world_1.no_such_table' doesn't exist"]

@@ -149,3 +149,76 @@ def test_smollm2_pieces_and_token_texts(smol):
     assert texts[198] == "\n" and smol.decode_token(2) == "<|im_end|>"
     assert smol.decode_token(smol.encode(" the")[0]) == " the"
     assert "".join(texts[i] for i in smol.encode("plain ascii text\n")) == "plain ascii text\n"
+
+
+# ------------------------------------------------------------------------------------------- BOS
+LLAMA2_CONFIG = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+                 "unk_token": "<unk>", "pad_token": None, "tokenizer_class": "LlamaTokenizer",
+                 "legacy": False, "clean_up_tokenization_spaces": False}   # Llama-2-7b-chat-hf's fields
+BOS_TEXTS = [t for t in TEXTS if "  " not in t and not t.startswith(" ")] + [
+    "Interact with a household to solve a task.\nHere is the task:\nYou are in a room.\n> think: go"]
+
+
+def _same_ids_everywhere(tok, text):
+    """Sampler prompt ids (LMPolicy), trained and scored ids (tokenize_sample) of one text."""
+    from retroact_jax import batching
+    from retroact_jax.agent.spans import Span, render
+    from retroact_jax.agent import lm_policy
+
+    policy_ids = []
+
+    class Sampler:   # captures the prompt ids LMPolicy would prefill
+        def sample(self, ids, *a, **k):
+            policy_ids.extend(ids)
+            raise StopIteration
+
+    pol = lm_policy.LMPolicy(Sampler(), tok, incremental=False)
+    pol._stop_masks[()] = (None, [])
+    spans = [Span("prompt", text[:len(text) // 2]), Span("observation", text[len(text) // 2:])]
+    from retroact_jax.agent.policy import Request
+    try:
+        pol.generate([Request(key=0, spans=spans, seed=0)], (), 4, 0.0)
+    except StopIteration:
+        pass
+    sample = batching.Sample("planner", (("prompt", spans[0].text), ("generated", spans[1].text)))
+    trained = list(batching.tokenize_sample(sample, tok).ids)
+    assert policy_ids == [tok.encode(render(spans), add_bos=tok.add_bos)] == [trained]
+    return trained
+
+
+def test_bos_follows_transformers_for_llama_spm(tmp_path):
+    """Llama-2 (HF training and vLLM both call tokenizer(text)): BOS first, everywhere."""
+    import shutil
+    transformers = pytest.importorskip("transformers")
+    shutil.copyfile(_spm_path(), tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(LLAMA2_CONFIG))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    fast_dir = tmp_path / "fast"
+    hf.save_pretrained(str(fast_dir))          # a tokenizer.json whose post-processor adds <s>
+    cfg = json.loads((fast_dir / "tokenizer_config.json").read_text())
+    cfg.pop("add_bos_token", None)
+    (fast_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for tok in (tk.load_tokenizer(tmp_path), tk.load_tokenizer(fast_dir)):
+        assert tok.add_bos and tok.bos_id == 1
+        for text in BOS_TEXTS:
+            assert _same_ids_everywhere(tok, text) == hf(text)["input_ids"], (type(tok).__name__, text)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(LLAMA2_CONFIG, add_bos_token=False)))
+    off = tk.load_tokenizer(tmp_path)
+    hf_off = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert not off.add_bos and _same_ids_everywhere(off, "Hello world") == hf_off("Hello world")["input_ids"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(LLAMA2_CONFIG, add_bos_token="yes")))
+    with pytest.raises(tk.TokenizerError, match="add_bos_token must be true or false"):
+        tk.load_tokenizer(tmp_path)
+
+
+@pytest.mark.real_weights
+def test_bos_follows_transformers_for_smollm2(smol):
+    """SmolLM2 (GPT-2-style BPE): transformers' tokenizer(text) adds no BOS; neither do we."""
+    transformers = pytest.importorskip("transformers")
+    from retroact_jax.models import embedded
+    hf = transformers.AutoTokenizer.from_pretrained(str(embedded.tokenizer_dir()))
+    path = embedded.gguf_path()
+    hf_gguf = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert not smol.add_bos
+    for text in BOS_TEXTS:
+        assert _same_ids_everywhere(smol, text) == hf(text)["input_ids"] == hf_gguf(text)["input_ids"], text

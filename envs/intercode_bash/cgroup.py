@@ -20,6 +20,7 @@ maker is gone (a crash) is emptied and removed by the next ``EpisodeCgroup`` of 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ import time
 PARENT = "retroact-bash"
 V1_CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
-_SEQ = [0]
+_SEQ = itertools.count(1)           # next() is atomic under the GIL: unique names per process
 _DETECTED: dict = {}
 
 
@@ -204,8 +205,7 @@ class EpisodeCgroup:
             raise ValueError(f"EpisodeCgroup: unknown mode {mode!r}")
         self.mode, self.memory_bytes = mode, int(memory_bytes)
         self.parents = _parents(mode)
-        _SEQ[0] += 1
-        name = f"{os.getpid()}.{_start_time(os.getpid())}.{_SEQ[0]}"
+        name = f"{os.getpid()}.{_start_time(os.getpid())}.{next(_SEQ)}"
         self.dirs: list[str] = []
         try:
             for parent in self.parents:

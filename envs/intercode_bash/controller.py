@@ -15,11 +15,12 @@ to SIG_IGN (Python's own SIGINT handler would otherwise raise KeyboardInterrupt 
 and back to SIG_DFL in commands. After every command it kills every other process of the namespace
 (``kill(-1, SIGKILL)``) and reaps every child, so background jobs never outlive their command and
 no zombie is left; orphans reparented to it are reaped while a command runs too. Commands get
-``oom_score_adj`` 1000: when the episode's memory cgroup is full, the kernel kills them, not it. It makes
-itself non-dumpable, so commands (which lack CAP_SYS_PTRACE) cannot open ``/proc/1/fd`` and
-forge replies. Commands get ``setsid``, stdin ``/dev/null``, rlimits (processes, address space,
-core; the first two from ``argv[1]``, a JSON object, default ``LIMITS``) and ``BASH_ENV`` pointing at a tiny rc that restores nothing but reports the final
-``pwd`` on fd 3 at exit, which is how the working directory persists between commands.
+``oom_score_adj`` 1000: when the episode's memory cgroup is full, the kernel kills them, not it.
+It makes itself non-dumpable, so commands (which lack CAP_SYS_PTRACE) cannot open ``/proc/1/fd``
+and forge replies. Commands get ``setsid``, stdin ``/dev/null``, rlimits (processes, address space,
+core; the first two from ``argv[1]``, a JSON object, default ``LIMITS``) and ``BASH_ENV``
+pointing at a tiny rc that restores nothing but reports the final ``pwd`` on fd 3 at exit, which
+is how the working directory persists between commands.
 """
 import base64
 import ctypes

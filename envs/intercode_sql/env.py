@@ -16,13 +16,18 @@ did not contain sql code`` with reward 0 and ``invalid``. An executed statement 
 <MariaDB message>``. Like RetroAct, a string observation is cut to 350 characters and a row list to
 25 rows before ``str``. ``submit`` ends the episode and returns the last executed statement's
 observation (non-code actions never reach InterCode, so they do not count as "last") with InterCode's
-reward of that result against the gold's; ``success`` is reward == 1. As in InterCode the gold runs
-on the episode's own connection, right after the agent's statements, because MariaDB breaks ties of
-``ORDER BY ... LIMIT`` / ``GROUP BY`` differently per connection (13 of the 1,034 golds give a different
-row on a fresh connection, none on the same one); we first re-select the task's database so an
-agent's ``USE`` cannot move it. A gold that fails counts as ``[]`` as in InterCode. The per-task
-cache (``gold_result``, a clean connection each) serves tools, never the reward. "A repeated action ends the trial" is the agent
-loop's rule (its history), not the env's.
+reward of that result against the gold's; ``success`` is reward == 1. The gold runs on
+the episode's own connection, right after the agent's statements, as in InterCode, because MariaDB
+breaks ties of ``ORDER BY ... LIMIT`` / ``GROUP BY`` differently per connection (13-16 of the 1,034
+golds give another row on a fresh connection, none on the same one); but first that connection is
+reset to a fresh connection's state and put back on the task's database (``SqlRunner.run_gold``), so
+nothing an agent set (``SET [SESSION|@@]`` sql_mode / character sets / max_join_size / time zone ...,
+``USE``, user variables, prepared statements, transactions, XA) reaches the gold; when the reset cannot
+be verified the gold gets a fresh connection (``info["gold_session"]`` says which). Unlike InterCode,
+a gold that fails is not an empty result: the reward is 0 and ``info["gold_error"]`` holds the error
+(the 6 broken golds, a timeout, a lost server). The per-task cache (``gold_result``, a clean
+connection each) serves tools, never the reward. "A repeated action ends the trial" is the agent loop's
+rule (its history), not the env's.
 """
 from __future__ import annotations
 
@@ -150,13 +155,13 @@ class InterCodeSQLEnv(Env):
         if not is_code:
             return NOT_CODE, 0.0, False, {"invalid": True}
         if sql == "submit":
-            gold_db = str(self.task.data["db"]).replace("`", "``")
-            self._runner.execute(f"USE `{gold_db}`")
-            res = self._runner.execute(self.task.data["gold"])
-            gold, gold_err = (res, None) if isinstance(res, list) else ([], res if isinstance(res, str) else "no result set")
-            r = rw.sql_reward(self._last, gold)
+            gold, how = self._runner.run_gold(self.task.data["db"], self.task.data["gold"])
             self._runner.end_episode()
-            info = {"success": r == 1.0, "score": r, "gold_error": gold_err}
+            if isinstance(gold, list):
+                r, gold_err = rw.sql_reward(self._last, gold), None
+            else:   # never scored as an empty result: that is what an agent could make it
+                r, gold_err = 0.0, gold if isinstance(gold, str) else "the gold gave no result set"
+            info = {"success": r == 1.0, "score": r, "gold_error": gold_err, "gold_session": how}
             return format_observation(self._last), r, True, info
         self._last = self._runner.execute(sql)
         return format_observation(self._last), 0.0, False, {}

@@ -2,7 +2,8 @@
 
 State lives in ``envs.data.cache_dir("mariadb")`` (``$RETROACT_CACHE/mariadb``):
 ``data/`` (the datadir), ``mysqld.sock``, ``mysqld.pid``, ``error.log``, ``port`` (the TCP port in
-use), ``admin.json`` (our admin account, mode 0600) and ``ready`` (the sha256 of the loaded dump).
+use), ``admin.json`` (our admin account, mode 0600), ``ready`` (the sha256 of the loaded dump) and
+``users/`` (one lock file per live env user, ``envs.intercode_sql.users``).
 
 The datadir is made once with ``mariadb-install-db --skip-test-db`` (socket auth for root), the
 server runs as ``mariadbd --no-defaults --user=root`` with utf8mb4, ``--lower_case_table_names=1``

@@ -45,6 +45,11 @@ def _pick(env: str, n: int):
     return by_type
 
 
+def example_task_indices(env: str, n: int) -> set[int]:
+    """Indices (in the exemplar split) of the tasks that ``n`` exemplars are drawn from."""
+    return {t.index for ts in _pick(env, n).values() for t in ts}
+
+
 def _run(env: str, tasks, fail: bool) -> list[dict]:
     p = protocols.protocol_for(env)
     by_index = {t.index: t for t in tasks}

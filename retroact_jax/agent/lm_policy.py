@@ -1,8 +1,8 @@
 """``LMPolicy``: the policy interface over the compiled sampler, one KV-cache row per episode.
 
 Each episode (request ``key``) owns a row of one ``SamplerState``. At every call the episode's whole
-context is tokenised at once (``tok.encode(render(spans))``, no BOS: exactly how training tokenises
-the same text, batching.py) and compared with the ids its row already holds:
+context is tokenised at once (``tok.encode(render(spans), add_bos=tok.add_bos)``: exactly how training
+and scoring tokenise the same text, batching.tokenize_sample) and compared with the ids its row holds:
 
 - the longest common prefix stays in the cache; the row's slots past it are invalidated (a
   rollback: the cache's per-slot validity mask, decoder.KVCache) and only the remainder is
@@ -79,7 +79,9 @@ class LMPolicy:
         if not requests:
             return []
         self.stats["calls"] += 1
-        ids = [self.tok.encode(render(r.spans)) for r in requests]
+        add_bos = bool(getattr(self.tok, "add_bos", False))    # the tokenizer's one BOS decision
+        ids = [self.tok.encode(render(r.spans), add_bos=True) if add_bos else self.tok.encode(render(r.spans))
+               for r in requests]
         for r, x in zip(requests, ids):
             if not x:
                 raise ValueError(f"request {r.key!r} has an empty context")

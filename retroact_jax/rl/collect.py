@@ -150,7 +150,9 @@ def _compare(sample, raw: Sequence[Mapping], ts, logp: np.ndarray, tokenizer, he
     if len(raw) != len(sample.spans) or not hasattr(tokenizer, "encode_pieces"):
         return []
     pieces = [t for _, t in sample.spans]
+    bos = [int(tokenizer.bos_id)] if getattr(tokenizer, "add_bos", False) else []   # as tokenize_sample
     ids, owner = tokenizer.encode_pieces(pieces)
+    ids, owner = bos + list(ids), [0] * len(bos) + list(owner)
     ids, owner = np.asarray(ids, np.int64), np.asarray(owner, np.int64)
     if not np.array_equal(ids, ts.ids[:len(ids)]):
         raise CollectError(f"the scored tokens are not the tokenisation of the sample ({sample.metadata})")
@@ -165,7 +167,7 @@ def _compare(sample, raw: Sequence[Mapping], ts, logp: np.ndarray, tokenizer, he
         sampled = np.asarray(span["token_ids"], np.int64)
         same = (pos.size == sampled.size and pos.size > 0 and np.all(np.diff(pos) == 1)
                 and np.array_equal(ids[pos], sampled)
-                and np.array_equal(ids[:pos[0]], np.asarray(tokenizer.encode("".join(pieces[:i])), np.int64)))
+                and np.array_equal(ids[:pos[0]], np.asarray(bos + list(tokenizer.encode("".join(pieces[:i]))), np.int64)))
         if not same:
             health["spans_retokenized"] += 1
             continue

@@ -1,8 +1,12 @@
 """The project's own imitation data: scripted experts rolled out through the agent loop on the
 TRAIN split of each environment, filtered by the benchmark's evaluator (PAPER.md §2.1).
 
-RetroAct's expert was Mixtral-8x7B with few-shot prompts; no such model runs here, so the expert
-is the gold script of ``agent.gold`` (HotpotQA: search the supporting-fact titles, then answer;
+RetroAct's expert was Mixtral-8x7B with few-shot prompts. ``expert="gold"`` (the default, offline
+and model-free) is the gold script of ``agent.gold`` instead; ``expert=<model source>`` is the
+few-shot LLM expert of ``model_expert.py`` (HotpotQA). The gold script differs from the paper's
+expert in two ways: it retrieves with privileged knowledge (it searches the supporting-fact
+titles), and its reflections are fixed templates naming the gold plan, not a model's diagnosis.
+Gold (HotpotQA: search the supporting-fact titles, then answer;
 ALFWorld: state the goal, then play the game's walkthrough; InterCode-SQL: execute the gold query,
 then submit). To give the reflector something to imitate, a seeded fraction of the tasks
 (``reflect_fraction``) fails its first trial on purpose (``gold_planner(fail=True)``); the loop then
@@ -37,15 +41,31 @@ class ExpertError(ValueError):
     pass
 
 
+# Tasks per env when ``num_tasks`` is -1: HotpotQA all 753 (the gold script takes ~10 s for them),
+# ALFWorld / InterCode-SQL a seeded 100 (ALFWorld resets cost ~1.5 CPU-s each).
+DEFAULT_TASKS = {"hotpotqa": 0, "alfworld": 100, "intercode_sql": 100}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-    num_tasks: int = 100            # tasks per env (a seeded subset of the train split; <= 0: all)
-    reflect_fraction: float = 0.3   # tasks whose first trial fails on purpose (reflector data)
-    trials: int = 2                 # trials per task (a deliberate failure, then the gold)
+    expert: str = "gold"            # gold (scripted) | a model source: few-shot LLM (model_expert.py)
+    num_tasks: int = -1             # tasks per env (seeded subset of the train split; 0 all; -1 DEFAULT_TASKS)
+    reflect_fraction: float = 0.3   # gold: tasks whose first trial fails on purpose (reflector data)
+    trials: int = 0                 # trials per task; 0: the expert's default (gold 2, model 10)
     seed: int = 0                   # task subset and which tasks fail first
     batch_size: int = 8             # tasks in flight
     env_workers: int = 4            # threads / worker processes stepping the envs
     progress: bool = True
+
+
+def check(env_names: Sequence[str], cfg: ExpertConfig) -> None:
+    """Refuse an env / expert combination that cannot work, before any expert runs."""
+    for env in env_names:
+        if env not in TRAIN_SPLITS:
+            raise ExpertError(f"no expert train split for env {env!r}; known: {sorted(TRAIN_SPLITS)}")
+        if cfg.expert != "gold":
+            from retroact_jax.rl import model_expert
+            model_expert.check(env, cfg.expert, model_expert.ModelExpertConfig())
 
 
 def passes_evaluator(rec: Mapping[str, Any]) -> bool:
@@ -60,6 +80,10 @@ def passes_evaluator(rec: Mapping[str, Any]) -> bool:
     if env in ("intercode_sql", "intercode_bash"):
         return float(rec.get("score", 0.0)) == 1.0
     return bool(rec.get("success"))
+
+
+def num_tasks_for(env_name: str, num_tasks: int) -> int:
+    return DEFAULT_TASKS.get(env_name, 100) if num_tasks < 0 else num_tasks
 
 
 def select_tasks(n_all: int, num_tasks: int, seed: int) -> list[int]:
@@ -97,14 +121,16 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
     split = split or TRAIN_SPLITS.get(env_name)
     if split is None:
         raise ExpertError(f"no expert train split for env {env_name!r}; known: {sorted(TRAIN_SPLITS)}")
-    if cfg.trials < 1 or not 0.0 <= cfg.reflect_fraction <= 1.0:
+    trials = cfg.trials or 2
+    if trials < 1 or not 0.0 <= cfg.reflect_fraction <= 1.0:
         raise ExpertError(f"expert trials must be >= 1 and reflect_fraction in [0, 1]: {cfg}")
-    if cfg.reflect_fraction > 0 and cfg.trials < 2:
+    if cfg.reflect_fraction > 0 and trials < 2:
         raise ExpertError("reflect_fraction > 0 needs trials >= 2 (a failure, then the gold)")
     probe = envs.make(env_name, split)
     try:
         n_all = len(probe.tasks)
-        indices = list(task_indices) if task_indices is not None else select_tasks(n_all, cfg.num_tasks, cfg.seed)
+        n = num_tasks_for(env_name, cfg.num_tasks)
+        indices = list(task_indices) if task_indices is not None else select_tasks(n_all, n, cfg.seed)
         tasks = {i: probe.task_at(i) for i in indices}
     finally:
         probe.close()
@@ -112,7 +138,7 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
     pol = expert_policy(tasks, fail)
     run_dir = pathlib.Path(out_dir) / env_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    agent_cfg = loop.AgentConfig(trials=cfg.trials, batch_size=cfg.batch_size, env_workers=cfg.env_workers)
+    agent_cfg = loop.AgentConfig(trials=trials, batch_size=cfg.batch_size, env_workers=cfg.env_workers)
     rollout.evaluate(env_name, split, indices, pol, pol, agent_cfg, run_dir,
                      env_backend=ENV_BACKENDS.get(env_name, "threads"), show_progress=cfg.progress)
     recs = evaluation.TrajectoryLog(run_dir / "trajectories.jsonl").load()
@@ -133,18 +159,26 @@ def il_samples(records: Sequence[Mapping[str, Any]]) -> tuple[list[Sample], list
     return planner, reflector, counts
 
 
+def write_samples(d: pathlib.Path, samples: Sequence[Sample]) -> None:
+    """``<d>/il_samples.jsonl``, written atomically."""
+    tmp = d / "il_samples.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(S.sample_to_json(s)) + "\n")
+    tmp.replace(d / "il_samples.jsonl")
+
+
 def expert_il_data(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = ExpertConfig(),
                    **kw) -> tuple[list[Sample], list[Sample], dict]:
     """collect -> filter -> samples; writes ``il_samples.jsonl`` and ``summary.json`` beside the
     trajectories. A repeated call reads the cached rollouts (no env step is repeated)."""
+    if cfg.expert != "gold":                   # the few-shot LLM expert (HotpotQA)
+        from retroact_jax.rl import model_expert
+        return model_expert.expert_il_data(env_name, out_dir, cfg, **kw)
     recs = collect(env_name, out_dir, cfg, **kw)
     planner, reflector, counts = il_samples(recs)
     d = pathlib.Path(out_dir) / env_name
-    tmp = d / "il_samples.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in planner + reflector:
-            f.write(json.dumps(S.sample_to_json(s)) + "\n")
-    tmp.replace(d / "il_samples.jsonl")
+    write_samples(d, planner + reflector)
     (d / "summary.json").write_text(json.dumps({"env": env_name, **counts,
                                                 "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
     return planner, reflector, counts

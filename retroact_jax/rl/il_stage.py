@@ -68,7 +68,9 @@ def default_config() -> mlc.ConfigDict:
     c.data.roles = "planner,reflector"  # roles trained
     c.data.released = "alfworld_il"   # comma list of released files ("" none): alfworld_il, intercode_il
     c.data.expert_envs = ""           # comma list: hotpotqa, alfworld, intercode_sql ("" none)
-    c.data.expert_tasks = 100         # tasks per expert env (seeded subset of the train split)
+    c.data.expert = "gold"            # gold (scripted) | model source: few-shot LLM expert (HotpotQA)
+    c.data.expert_tasks = -1          # tasks per expert env (seeded; 0 all; -1 hotpotqa all, others 100)
+    c.data.expert_trials = 0          # trials per task (0: gold 2, model 10)
     c.data.expert_reflect_fraction = 0.3  # expert tasks failing trial 1 on purpose (reflector data)
     c.data.expert_batch_size = 8
     c.data.expert_env_workers = 4
@@ -98,7 +100,7 @@ def default_config() -> mlc.ConfigDict:
     c.train.peak_flops = 0.0          # per-device peak for MFU (0: known accelerators only)
     c.train.tensorboard = True
     c.loss = mlc.ConfigDict()
-    c.loss.il_normalization = "positions"  # positions (original) | tokens
+    c.loss.il_normalization = "tokens"  # tokens (original SFT: HF mean over label tokens) | positions
     c.optimizer = mlc.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.kwargs = mlc.ConfigDict({"weight_decay": 0.0})  # HF Trainer default
@@ -137,9 +139,11 @@ def load_samples(c: Any, workdir: pathlib.Path) -> tuple[dict[str, list[batching
             by_role[s.role].append(s)
         counts[name] = {r: sum(s.role == r for s in loaded.samples) for r in by_role}
     ecfg = expert_lib.ExpertConfig(
+        expert=str(c.data.expert), trials=int(c.data.expert_trials),
         num_tasks=int(c.data.expert_tasks), reflect_fraction=float(c.data.expert_reflect_fraction),
         seed=int(c.seed), batch_size=int(c.data.expert_batch_size),
         env_workers=int(c.data.expert_env_workers), progress=bool(c.train.progress))
+    expert_lib.check(_list(c.data.expert_envs), ecfg)
     for env in _list(c.data.expert_envs):
         pl, rf, n = expert_lib.expert_il_data(env, workdir / "expert", ecfg)
         by_role["planner"] += pl

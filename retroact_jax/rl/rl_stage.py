@@ -95,7 +95,9 @@ def default_config() -> mlc.ConfigDict:
     c.il_data = mlc.ConfigDict()      # the IL regulariser's data (rl/il_stage.load_samples sources)
     c.il_data.released = ""           # alfworld_il | intercode_il (comma list)
     c.il_data.expert_envs = ""        # expert rollouts (cached in <workdir>/expert)
-    c.il_data.expert_tasks = 100
+    c.il_data.expert = "gold"
+    c.il_data.expert_tasks = -1
+    c.il_data.expert_trials = 0
     c.il_data.expert_reflect_fraction = 0.3
     c.il_data.expert_batch_size = 8
     c.il_data.expert_env_workers = 4
@@ -130,6 +132,7 @@ def default_config() -> mlc.ConfigDict:
     c.loss.il_normalization = "positions"
     c.loss.il_coef = 1.0              # lambda
     c.loss.role_pooling = "per_role"
+    c.loss.behaviour_dtype = "float32"  # float32 (exact) | bfloat16 (the original collator's rounding)
     c.optimizer = mlc.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.kwargs = mlc.ConfigDict({"weight_decay": 0.0})
