@@ -58,7 +58,10 @@ def _lm_policy(source: str, lora: str, c, cache: dict):
             from retroact_jax.models import lora as lora_lib
             lora_lib.load_lora(model, lora)
         pad = tok.pad_id if tok.pad_id is not None else 0
-        cache[key] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids), tok)
+        kw = {name: tuple(int(x) for x in str(c.eval[k]).split(",") if x.strip())
+              for name, k in (("length_buckets", "cache_buckets"), ("chunk_buckets", "chunk_buckets"))}
+        kw = {name: v for name, v in kw.items() if v}
+        cache[key] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids, **kw), tok)
     sampler, tok = cache[key]
     return LMPolicy(sampler, tok, incremental=bool(c.model.incremental))
 

@@ -42,6 +42,8 @@ def base(env: str, split: str, num_tasks: int, env_backend: str = "threads") -> 
     c.eval.env_workers = 4           # threads or worker processes stepping the envs
     c.eval.num_examples = 2          # few-shot exemplars (react / reflexion methods)
     c.eval.progress = True           # tqdm progress bar
+    c.eval.cache_buckets = ""        # sampler KV-cache lengths / extension chunk lengths, comma lists
+    c.eval.chunk_buckets = ""        #   ("" = powers of two); fewer = fewer compilations, more padding
 
     # Training stages (``--config.stages=il,rl,eval``). The pipeline chains them: IL starts from
     # c.model; RL starts from the IL export when the IL stage ran in this run_dir; eval uses the

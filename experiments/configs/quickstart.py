@@ -52,4 +52,6 @@ def get_config():
     c.eval.batch_size = 3
     c.eval.planner_max_tokens = 48
     c.eval.reflector_max_tokens = 48
+    c.eval.cache_buckets = c.rl.collect.cache_buckets   # as the RL rollouts: few shapes to compile
+    c.eval.chunk_buckets = c.rl.collect.chunk_buckets
     return c
