@@ -131,6 +131,7 @@ class TrainCheckpoints:
         return self.ck.latest_step
 
     def save(self, learner: train.Learner, meta: Mapping[str, Any]) -> int:
+        learner.check_latest()        # never save a state whose step was not checked (divergence)
         names, leaves, _ = _flat(learner.state)
         arrays = {f"{i:05d}": (jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)}
         step = learner.step_count

@@ -11,6 +11,15 @@ Trainable parameters are the LoRA adapters when the model has any (``nnx.LoRAPar
 the RNG state is carried in the train state so dropout masks differ per step and a resumed run
 continues the same stream. The step is one ``jax.jit`` with the train state donated and, given a mesh,
 explicit ``in_shardings`` / ``out_shardings`` from the partition rules (``sharding.py``).
+
+Divergence guard: besides the losses, each step returns per role (``planner`` / ``reflector`` /
+``shared``) the norms of its gradient, of its update and of its trainable parameters before the
+update, and their ratio update norm / parameter norm. ``Learner.check`` (the host-side fetch, one step late
+through ``metrics.Lagged``) raises ``TrainError`` naming the step and the role on a non-finite loss or
+norm, or on a ratio above ``max_update_ratio``: LoRA at an absurd learning rate keeps a finite loss
+while its adapters explode, and only the norms show it. ``check_latest`` checks the newest step if the
+lagged fetch has not yet: the checkpointer calls it before every save, so no checkpoint holds a state
+whose step was not checked.
 """
 from __future__ import annotations
 
@@ -29,6 +38,11 @@ from retroact_jax import batching, losses, optim, sharding
 from retroact_jax.models.decoder import set_memory_options
 
 ROLES = ("planner", "reflector")
+# A step whose update norm exceeds this many times the role's parameter norm is divergence. Sane
+# runs stay far below: Adam moves each element by ~lr, so the ratio is ~lr * sqrt(N) / |p|: ~lr/0.03
+# for full fine-tuning (RMS weight ~0.03), lr * sqrt(6 d_in) for fresh LoRA adapters (A uniform
+# +-1/sqrt(d_in), B = 0): 0.2 at lr 1e-3 for d_in 8192, at most ~3x that in Adam's transients.
+DEFAULT_MAX_UPDATE_RATIO = 10.0
 TRACES: collections.Counter = collections.Counter()   # times each step function was traced
 
 
@@ -141,7 +155,8 @@ class Learner:
 
     def __init__(self, models: Mapping[str, nnx.Module], *, optimizer: Any,
                  loss: losses.LossConfig = losses.LossConfig(), rows: Mapping[str, int],
-                 mesh: Mesh | None = None, rules=sharding.DECODER_RULES, head_chunk: int = 256,
+                 mesh: Mesh | None = None, rules=sharding.DECODER_RULES,
+                 max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO, head_chunk: int = 256,
                  memory: Mapping[str, Any] | None = None):
         unknown = set(models) - set(ROLES)
         if unknown or not models:
@@ -159,6 +174,11 @@ class Learner:
         self.loss_cfg = loss
         self.mesh = mesh
         self.head_chunk = int(head_chunk)   # positions per head chunk (losses.head_logprobs_and_entropy)
+        self.max_update_ratio = float(max_update_ratio)
+        if not self.max_update_ratio >= 0:
+            raise TrainError(f"max_update_ratio must be >= 0 (0: off), got {max_update_ratio}")
+        self._latest: Mapping[str, Any] | None = None    # device metrics of the newest step
+        self._latest_checked = True
         self.tx = optim.make_optimizer(optimizer)
         self._parts: dict[str, _Part] = {}
         params, rngs = {}, {}
@@ -245,7 +265,16 @@ class Learner:
         for n in self.names:
             updates, new_opt[n] = self.tx.update(grads[n], state["opt"][n], state["params"][n])
             new_params[n] = optax.apply_updates(state["params"][n], updates)
-            metrics[f"grad_norm_{n}"] = optax.tree_utils.tree_norm(grads[n])
+            metrics[f"grad_norm_{n}"] = _norm(grads[n])
+            # the divergence guard's inputs (see the module docstring). The update's norm is taken
+            # as new - old params (what was applied; XLA keeps `updates` fused into the apply:
+            # 2x fewer bytes than norming `updates`). Finite norms of the old params and of the
+            # change vouch for the new params: an element past float32's range overflows them.
+            p0 = _norm(state["params"][n])
+            u = _norm(jax.tree.map(jnp.subtract, new_params[n], state["params"][n]))
+            metrics[f"update_norm_{n}"] = u
+            metrics[f"param_norm_{n}"] = p0
+            metrics[f"update_ratio_{n}"] = jnp.where(p0 > 0, u / jnp.where(p0 > 0, p0, 1.0), 0.0)
             lr = optim.current_lr(new_opt[n])
             if lr is not None:
                 metrics[f"lr_{n}"] = lr
@@ -270,7 +299,20 @@ class Learner:
                       for k, v in arrays.items()}
         with _maybe_mesh(self.mesh):
             self.state, metrics = self._jit(self.state, self._frozen, arrays)
+        self._latest, self._latest_checked = metrics, False
         return metrics
+
+    def check(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+        """Fetch a step's metrics to the host and stop on divergence (``check_finite``)."""
+        host = check_finite(metrics, step, self.max_update_ratio)
+        if metrics is self._latest:
+            self._latest_checked = True
+        return host
+
+    def check_latest(self) -> None:
+        """Check the newest step now if nobody has (before a checkpoint of its state)."""
+        if self._latest is not None and not self._latest_checked:
+            self.check(self._latest, self.step_count)
 
     def sync_models(self) -> None:
         """Write the trained parameters back into the NNX models (for sampling, scoring, export)."""
@@ -303,10 +345,33 @@ class _maybe_mesh:
             self._cm.__exit__(*exc)
 
 
-def check_finite(metrics: Mapping[str, Any], step: int) -> dict[str, float]:
-    """Fetch metrics to the host; a NaN/inf loss stops the run with the step and the parts named."""
+def _norm(tree: Any) -> jax.Array:
+    """Global L2 norm in float32 (bf16 sums lose the small leaves)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)) if leaves \
+        else jnp.zeros((), jnp.float32)
+
+
+def check_finite(metrics: Mapping[str, Any], step: int,
+                 max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO) -> dict[str, float]:
+    """Fetch metrics to the host; stop (``TrainError``, one line naming the step and the role) on a
+    NaN/inf loss, a non-finite gradient / update / parameter norm, or an update norm above
+    ``max_update_ratio`` times the parameter norm (0: no ratio check)."""
     host = {k: float(np.asarray(v)) for k, v in metrics.items()}
     bad = [k for k, v in host.items() if not np.isfinite(v) and k.startswith(("loss", "rl", "il"))]
     if bad:
         raise TrainError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={host[k]}" for k in bad))
+    problems = []
+    for n in [k[len("update_norm_"):] for k in host if k.startswith("update_norm_")]:
+        nonfinite = [f"{w} norm {host[f'{w}_norm_{n}']}" for w in ("grad", "update", "param")
+                     if not np.isfinite(host.get(f"{w}_norm_{n}", 0.0))]
+        ratio = host.get(f"update_ratio_{n}", 0.0)
+        if nonfinite:
+            problems.append(f"{n}: non-finite " + ", ".join(nonfinite) + " (NaN/inf or past float32)")
+        elif max_update_ratio > 0 and not ratio <= max_update_ratio:
+            problems.append(f"{n}: update norm {host[f'update_norm_{n}']:.3g} is {ratio:.3g} x the "
+                            f"parameter norm (limit max_update_ratio={max_update_ratio:g})")
+    if problems:
+        raise TrainError(f"training diverged at step {step}: " + "; ".join(problems) +
+                         "; this step's state is not checkpointed (lower the learning rate)")
     return host

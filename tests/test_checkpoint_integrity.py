@@ -103,7 +103,8 @@ def test_no_intact_step_is_an_error_not_a_fresh_start(tmp_path):
     _flip(_largest(tmp_path / "ck" / "1" / "state"))
     _truncate(_largest(tmp_path / "ck" / "2" / "state"))
     ck = C.Checkpointer(tmp_path / "ck")
-    with pytest.raises(C.CheckpointError, match="no intact checkpoint .*step 2: .*truncated.*step 1: .*corrupted"):
+    with pytest.raises(C.CheckpointError,
+                       match="no intact checkpoint .*step 2: .*truncated.*step 1: .*corrupted"):
         ck.latest_step
     with pytest.raises(C.CheckpointError, match="no intact checkpoint"):
         ck.restore(C.abstract_like(_tree(0.0)))

@@ -96,6 +96,7 @@ def default_config() -> mlc.ConfigDict:
     c.train.eval_every = 200          # held-out loss every N steps (and before / after); 0 off
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
+    c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
     c.train.progress = True
     c.train.peak_flops = 0.0          # per-device peak for MFU (0: known accelerators only)
     c.train.tensorboard = True
@@ -275,7 +276,7 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
         from retroact_jax import sharding
         mesh = sharding.make_mesh({k: int(v) for k, v in (a.split("=") for a in _list(c.train.mesh))})
     learner = train.Learner(models, optimizer=opt_cfg, loss=_loss_cfg(c), rows=rows, mesh=mesh,
-                            **train.memory_kwargs(c.train))
+                            max_update_ratio=float(c.train.max_update_ratio), **train.memory_kwargs(c.train))
 
     ckpts = stages.TrainCheckpoints(workdir / "checkpoints", max_to_keep=int(c.train.keep_checkpoints))
     cfg_json = _to_dict(c)
@@ -303,7 +304,7 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
     thr = metrics_lib.Throughput(peak, n_devices=mesh.size if mesh is not None else 1)
 
     def fetch(dev, step):
-        return train.check_finite(dev, step)
+        return learner.check(dev, step)
 
     lag = metrics_lib.Lagged(fetch)
     held = {r: data[r][1] for r in roles if data[r][1]}

@@ -122,6 +122,7 @@ def default_config() -> mlc.ConfigDict:
     c.train.log_every = 10
     c.train.checkpoint_every = 200    # also at the end of every iteration
     c.train.keep_checkpoints = 2
+    c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
     c.train.progress = True
     c.train.tensorboard = True
     c.train.peak_flops = 0.0
@@ -285,7 +286,7 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
         from retroact_jax import sharding
         mesh = sharding.make_mesh({k: int(v) for k, v in (a.split("=") for a in _list(c.train.mesh))})
     learner = train.Learner({r: models[r] for r in trained}, optimizer=opt_cfg, loss=loss_cfg, rows=rows, mesh=mesh,
-                            **train.memory_kwargs(c.train))
+                            max_update_ratio=float(c.train.max_update_ratio), **train.memory_kwargs(c.train))
     behaviour: dict[int, _Behaviour] = {}
     for r in ("planner", "reflector"):
         if id(models[r]) not in behaviour:
@@ -319,7 +320,7 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
         b.refresh()
     start = learner.step_count
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=bool(c.train.tensorboard), start_step=start)
-    lag = metrics_lib.Lagged(lambda dev, step: train.check_finite(dev, step))
+    lag = metrics_lib.Lagged(learner.check)
     tok_cache: dict[int, batching.TokenizedSample] = {}
     history: list[dict] = []
     roles_idx = {r: i for i, r in enumerate(train.ROLES)}
