@@ -179,7 +179,11 @@ _listening = False
 def _on_duration(event: str, secs: float, **_) -> None:
     if event in _COMPILE_EVENTS:
         _COMPILE["compile_s"] += float(secs)
-        _COMPILE["compiles"] += event == _COMPILE_EVENTS[-1]
+        if event == _COMPILE_EVENTS[-1]:
+            _COMPILE["compiles"] += 1
+            # XLA:CPU's compiler frees GBs of small heap blocks that glibc keeps (fragmented); the
+            # executable's temp buffer is a fresh mapping on top of them: hand them back first
+            _release_free_heap()
 
 
 def _on_event(event: str, **_) -> None:
@@ -191,7 +195,7 @@ def _on_event(event: str, **_) -> None:
 
 def compile_counters() -> dict:
     """Seconds spent tracing, lowering and compiling (or reading the persistent cache) since the
-    first ``StageMemory``, the number of executables built (compiled or read from the persistent
+    first call (which starts listening; each compile then ends with ``malloc_trim``), the number of executables built (compiled or read from the persistent
     cache), persistent-cache hits and misses."""
     global _listening
     if not _listening:
