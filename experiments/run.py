@@ -54,6 +54,8 @@ def _lm_policy(source: str, lora: str, c, cache: dict):
     if key not in cache:
         from retroact_jax.models import hub
         model, tok, _ = hub.load_pretrained(source, param_dtype=c.model.param_dtype)
+        from retroact_jax.models.decoder import set_memory_options
+        set_memory_options(model, attention=c.model.attention)
         if lora:
             from retroact_jax.models import lora as lora_lib
             lora_lib.load_lora(model, lora)
@@ -63,7 +65,8 @@ def _lm_policy(source: str, lora: str, c, cache: dict):
         kw = {name: v for name, v in kw.items() if v}
         cache[key] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids, **kw), tok)
     sampler, tok = cache[key]
-    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental))
+    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental),
+                    min_new_tokens=int(c.model.min_new_tokens))
 
 
 def build_policies(c, tasks_by_index):

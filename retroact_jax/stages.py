@@ -78,6 +78,7 @@ def _load_one(source: str, param_dtype: str, seed: int):
 
 def load_models(planner: str, reflector: str = "", *, multi_agent: bool = True,
                 param_dtype: str = "float32", lora: Any = None, seed: int = 0,
+                memory: Mapping[str, Any] | None = None,
                 roles: Sequence[str] = train.ROLES):
     """({role: model}, tokenizer, ModelConfig). ``reflector`` "" = the planner's source.
     ``lora``: a ``LoRAConfig`` or None (full fine-tuning). Adapters are initialised from ``seed``
@@ -96,6 +97,9 @@ def load_models(planner: str, reflector: str = "", *, multi_agent: bool = True,
             models[role] = next(iter(models.values()))
             continue
         model, t, c = _load_one(sources[role], param_dtype, seed)
+        if memory:   # attention form / remat (models/decoder.set_memory_options)
+            from retroact_jax.models.decoder import set_memory_options
+            set_memory_options(model, **memory)
         if tok is not None and t.vocab_size != tok.vocab_size:
             raise StageError(f"planner and reflector tokenizers differ ({tok.vocab_size} vs "
                              f"{t.vocab_size} tokens): one tokenizer must serve both")

@@ -157,5 +157,21 @@ def test_sampler_and_learner_share_the_placed_base_weights():
     sampler = sampling.Sampler(model, pad_id=0, eos_ids=(2,))
     assert sampler.params["layers"][0]["mlp"]["up_proj"]["kernel"][...] is placed
     assert model.layers[0].mlp.up_proj.kernel[...] is placed
-    _, out = sampler.sample([[5, 6, 7]], max_new_tokens=3)       # runs on the sharded weights
-    assert int(out.lengths_B[0]) == 3
+    state, out = sampler.sample([[5, 6, 7]] * 4, max_new_tokens=3)   # runs on the sharded weights
+    assert out.lengths_B.tolist() == [3] * 4
+    # the cache was created sharded like the weights' mesh: rows over fsdp, KV heads over tensor
+    k = state.cache.k[0]
+    assert k.sharding.shard_shape(k.shape) == (1, k.shape[1], 1, k.shape[3])
+
+
+def test_stage_config_options_reach_the_models():
+    from retroact_jax import stages
+    from experiments.configs import paper_7b
+    models, _, _ = stages.load_models("tiny-random", memory={"attention": "blockwise", "remat": "full"})
+    assert {(m.cfg.attention, m.cfg.remat) for m in models.values()} == {("blockwise", "full")}
+    c = paper_7b.get_config("alfworld,/models/Llama-2-7b-chat-hf")
+    assert (c.model.planner, c.rl.model.param_dtype, c.rl.model.remat) == (
+        "/models/Llama-2-7b-chat-hf", "bfloat16", "full")
+    assert c.split == "valid_unseen" and c.rl.collect.trials == c.eval.trials == 10
+    with pytest.raises(ValueError, match="env"):
+        paper_7b.get_config("atari")

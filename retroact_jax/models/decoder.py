@@ -177,13 +177,30 @@ class KVCache:
     end: jax.Array    # int32 scalar
 
     @staticmethod
-    def init(cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+    def init(cfg: ModelConfig, batch: int, length: int, mesh=None) -> "KVCache":
+        """Zeros; with a ``mesh`` (of more than one device) created sharded in place: rows over the
+        batch axes (data, fsdp) and KV heads over ``tensor`` where they divide (``shardings``)."""
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         dt = _dtype(cfg.dtype)
-        return KVCache(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
-                       v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
-                       valid_BxS=jnp.zeros((batch, length), bool),
-                       end=jnp.zeros((), jnp.int32))
+
+        def zeros():
+            return KVCache(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                           v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                           valid_BxS=jnp.zeros((batch, length), bool),
+                           end=jnp.zeros((), jnp.int32))
+        if mesh is None or mesh.size == 1:
+            return zeros()
+        return jax.jit(zeros, out_shardings=KVCache.shardings(cfg, batch, mesh))()
+
+    @staticmethod
+    def shardings(cfg: ModelConfig, batch: int, mesh) -> "KVCache":
+        P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+        rows = ("data", "fsdp")
+        lead = rows if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+        heads = "tensor" if cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
+        kv = NS(mesh, P(lead, None, heads, None))
+        return KVCache(k=(kv,) * cfg.num_layers, v=(kv,) * cfg.num_layers,
+                       valid_BxS=NS(mesh, P(lead, None)), end=NS(mesh, P()))
 
     @property
     def batch(self) -> int:
@@ -296,7 +313,7 @@ class Decoder(nnx.Module):
             positions_BxT = positions_from_mask(valid_BxT)
         dt = _dtype(self.cfg.dtype)
         cos, sin = rope_cos_sin(rope_inv_freq(self.cfg), positions_BxT, dt)
-        x = self.embed_tokens(tokens_BxT)
+        x = _shard_batch(self.embed_tokens(tokens_BxT))
         impl, block = self.cfg.attention, self.cfg.attention_block
         if cache is None:
             mask = Mask(qslot_T=jnp.arange(t, dtype=jnp.int32), kvalid_BxS=valid_BxT)
@@ -307,6 +324,7 @@ class Decoder(nnx.Module):
                     x, _ = layer(x, cos, sin, mask, full, impl=impl, block=block)
                 else:
                     x = _remat_layer(layer, x, cos, sin, mask, full, impl, block, policy)
+                x = _shard_batch(x)
             return self.norm(x), None
         end = cache.end
         valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxT, (jnp.zeros((), jnp.int32), end))
@@ -337,12 +355,37 @@ class Decoder(nnx.Module):
         return self.head(h), cache
 
 
+def _shard_batch(x_BxTxD):
+    """Under a mesh (``jax.set_mesh``), keep activations sharded over the batch axes (FSDP style: the
+    partitioner then gathers weights instead of splitting the contraction over the hidden dim and
+    replicating the rows). Uses the largest of (data, fsdp) / fsdp / data that divides the batch;
+    none: left to the partitioner. No mesh: unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+        return x_BxTxD
+    for axes in (("data", "fsdp"), ("fsdp",), ("data",)):
+        n = math.prod(mesh.shape[a] for a in axes)
+        if n > 1 and x_BxTxD.shape[0] % n == 0:
+            spec = jax.sharding.PartitionSpec(axes, *([None] * (x_BxTxD.ndim - 1)))
+            return jax.lax.with_sharding_constraint(x_BxTxD, spec)
+    return x_BxTxD
+
+
 def _remat_layer(layer, x, cos, sin, mask, full, impl, block, policy):
-    """One decoder layer under ``jax.checkpoint`` (``nnx.remat``) with ``policy``: the backward
-    recomputes what the policy does not save from the layer's inputs."""
-    def run(layer, x, cos, sin, mask, full):
-        return layer(x, cos, sin, mask, full, impl=impl, block=block)[0]
-    return nnx.remat(run, policy=policy)(layer, x, cos, sin, mask, full)
+    """One decoder layer under ``jax.checkpoint`` with ``policy``: the backward recomputes what the
+    policy does not save from the layer's inputs. The layer is split into a pure function (so this
+    works inside plain ``jax.grad`` as well as NNX transforms); the RNG state it advances (LoRA
+    dropout) is written back, and the recomputation replays the same keys."""
+    gd, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def run(params, rest, x, cos, sin, mask, full):
+        inner = nnx.merge(gd, params, rest)
+        y = inner(x, cos, sin, mask, full, impl=impl, block=block)[0]
+        return y, nnx.state(inner, nnx.RngState)
+
+    y, rng_state = jax.checkpoint(run, policy=policy)(params, rest, x, cos, sin, mask, full)
+    nnx.update(layer, rng_state)
+    return y
 
 
 def set_memory_options(model: "Decoder", **options) -> "Decoder":

@@ -59,6 +59,8 @@ def default_config() -> mlc.ConfigDict:
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # two models (planner, reflector); False: one shared model
     c.model.param_dtype = "float32"   # float32 (CPU) | bfloat16 (accelerators)
+    c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
     c.model.lora = True               # LoRA adapters (False: full fine-tuning)
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -116,6 +118,10 @@ def default_config() -> mlc.ConfigDict:
     c.export.enabled = True           # HF safetensors (LoRA merged) + PEFT adapters at the end
     c.export.dtype = ""               # "" keep, or bfloat16 / float32
     return c
+
+
+def _memory_options(m) -> dict:
+    return {"attention": str(m.attention), "remat": str(m.remat)}
 
 
 def _list(s: str) -> list[str]:
@@ -254,6 +260,7 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
     models, tok, mcfg = stages.load_models(c.model.planner, c.model.reflector,
                                            multi_agent=bool(c.model.multi_agent),
                                            param_dtype=c.model.param_dtype, lora=lcfg,
+                                           memory=_memory_options(c.model),
                                            seed=int(c.seed), roles=roles)
     raw, source_counts = load_samples(c, workdir)
     data, data_counts = prepare(c, raw, tok, roles)

@@ -62,6 +62,8 @@ def default_config() -> mlc.ConfigDict:
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # False: single agent, one model with shared parameters
     c.model.param_dtype = "float32"
+    c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
     c.model.lora = True               # fresh LoRA on the SFT weights (the original); False: full fine-tune
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -74,6 +76,7 @@ def default_config() -> mlc.ConfigDict:
     c.collect.temperature = 1.0       # exploration temperature (PAPER.md §4)
     c.collect.reflector_temperature = 1.0
     c.collect.top_p = 1.0
+    c.collect.min_new_tokens = 1      # no stop/EOS in a completion's first n tokens (vLLM min_tokens)
     c.collect.batch_size = 8          # tasks in flight
     c.collect.env_workers = 4
     c.collect.env_backend = ""        # "" = the env's default (ALFWorld processes, else threads)
@@ -155,6 +158,10 @@ def default_config() -> mlc.ConfigDict:
     c.export.enabled = True
     c.export.dtype = ""
     return c
+
+
+def _memory_options(m) -> dict:
+    return {"attention": str(m.attention), "remat": str(m.remat)}
 
 
 def _list(s) -> list[str]:
@@ -254,7 +261,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
                           dropout=float(c.model.lora_dropout), target_modules=tuple(_list(c.model.lora_targets)))
     models, tok, mcfg = stages.load_models(c.model.planner, c.model.reflector,
                                            multi_agent=bool(c.model.multi_agent),
-                                           param_dtype=c.model.param_dtype, lora=lcfg, seed=int(c.seed))
+                                           param_dtype=c.model.param_dtype, lora=lcfg,
+                                           memory=_memory_options(c.model), seed=int(c.seed))
     if tok.vocab_size < mcfg.vocab_size:
         log.warning("the tokenizer has %d ids, the model %d: sampled ids past the tokenizer decode to "
                     "nothing", tok.vocab_size, mcfg.vocab_size)
@@ -338,8 +346,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
                 p.unlink()
 
     def policies(temperature_cfg: bool):
-        pl = LMPolicy(beh["planner"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
-        rf = LMPolicy(beh["reflector"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
+        kw = dict(top_p=float(c.collect.top_p) if temperature_cfg else 1.0, min_new_tokens=int(c.collect.min_new_tokens))
+        pl, rf = LMPolicy(beh["planner"].sampler, tok, **kw), LMPolicy(beh["reflector"].sampler, tok, **kw)
         return pl, rf
 
     # step / token limits of the agent (collection and the eval hook alike)
