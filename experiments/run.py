@@ -60,9 +60,13 @@ def _lm_policy(source: str, lora: str, c, cache: dict):
             from retroact_jax.models import lora as lora_lib
             lora_lib.load_lora(model, lora)
         pad = tok.pad_id if tok.pad_id is not None else 0
-        cache[key] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids), tok)
+        kw = {name: tuple(int(x) for x in str(c.eval[k]).split(",") if x.strip())
+              for name, k in (("length_buckets", "cache_buckets"), ("chunk_buckets", "chunk_buckets"))}
+        kw = {name: v for name, v in kw.items() if v}
+        cache[key] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids, **kw), tok)
     sampler, tok = cache[key]
-    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental))
+    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental),
+                    min_new_tokens=int(c.model.min_new_tokens))
 
 
 def build_policies(c, tasks_by_index):
@@ -230,9 +234,23 @@ def main(argv) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"config.stages: unknown stage(s) {unknown}; available: {sorted(STAGES)}")
+    from retroact_jax import metrics
+    metrics.compile_counters()          # start counting compile time before the first stage
     for s in stages:
         logging.info("stage %s", s)
-        STAGES[s](c)
+        with metrics.StageMemory(s) as mem:
+            STAGES[s](c)
+        logging.info("%s", mem.line())
+        _record_stage(c, s, mem.summary)
+
+
+def _record_stage(c, stage: str, summary: dict) -> None:
+    """Add a stage's memory / time figures to ``<run_dir>/stages.json`` ({stage: figures})."""
+    path = pathlib.Path(c.run_dir) / "stages.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old[stage] = summary
+    path.write_text(json.dumps(old, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,19 @@ def summarize(env: str, records: Iterable[Mapping], trials: int) -> dict:
         out["metrics"][m] = {"IR": per_trial[0], "FR": per_trial[-1],
                              "AR": sum(per_trial) / trials, "per_trial": per_trial}
     out["trials_run"] = sum(len(v) for v in by_task.values())
+    out["actions"] = action_validity(r for v in by_task.values() for r in v)
     return out
+
+
+def action_validity(records: Iterable[Mapping]) -> dict:
+    """How many of the agent's actions the env parsed as an action (``info["invalid"]`` False):
+    ``{"actions", "valid", "valid_rate"}`` over every step of the records, the rate x100
+    (None without actions). An empty or free-text action is invalid (HotpotQA: not
+    ``Search[..]`` / ``Finish[..]``; InterCode: no ``execute[..]`` / ``submit``)."""
+    flags = [not bool((s.get("info") or {}).get("invalid", False))
+             for r in records for s in (r.get("steps") or [])]
+    rate = 100.0 * sum(flags) / len(flags) if flags else None
+    return {"actions": len(flags), "valid": sum(flags), "valid_rate": rate}
 
 
 def table2(rows: Sequence[tuple[str, str, Mapping[str, dict]]]) -> str:
@@ -159,3 +171,18 @@ def write_outputs(run_dir: str | os.PathLike, summary: Mapping, backbone: str, m
     (d / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (d / "results.md").write_text(table2([(backbone, method, {summary["env"]: summary})]) + "\n")
     plot(summary, d / "metrics.png")
+
+
+def compare_table(rows: Sequence[tuple[str, Mapping]]) -> str:
+    """Markdown: one row per evaluated model of one run (e.g. base / IL / RL on the same tasks):
+    its valid-action rate, then IR and FR of each metric (x100). ``rows``: (label, summary)."""
+    metrics = list(rows[0][1]["metrics"])
+    head = ["Model", "valid actions"] + [f"{m} {x}" for m in metrics for x in ("IR", "FR")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, s in rows:
+        act = s.get("actions") or {}
+        rate = act.get("valid_rate")
+        cells = [label, "-" if rate is None else f"{rate:.1f}% ({act['valid']}/{act['actions']})"]
+        cells += [f"{s['metrics'][m][x]:.2f}" for m in metrics for x in ("IR", "FR")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

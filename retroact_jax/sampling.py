@@ -24,6 +24,8 @@ finishes on a token in ``stop_mask`` (tokens whose text contains a stop string, 
 sequences of a stop string that spans several tokens, e.g. "Observation" = "Ob" "servation", see
 ``stop_token_sequences``), on an ``eos_ids`` token, or when it has produced its
 ``max_new_tokens``; the loop ends when every row has finished. The stop/eos token is included in the output and the cache.
+``min_new_tokens`` (int or per row, vLLM's ``min_tokens``): in a row's first n tokens stop-mask and EOS
+tokens are never drawn and stop sequences do not end it; log-probs stay the model's (not renormalised).
 ``temperature == 0`` is greedy; otherwise tokens are drawn from ``softmax(logits / temperature)``
 restricted to the top-p nucleus when ``top_p < 1``. ``logp`` is the log-prob of each drawn token
 under that sampling distribution (nucleus renormalised); for greedy decoding, where that
@@ -55,9 +57,8 @@ class SamplerError(ValueError):
 
 
 def bucket(n: int, buckets: Sequence[int], what: str) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
+    for b in (b for b in buckets if b >= n):
+        return b
     raise SamplerError(f"{what} = {n} exceeds the largest bucket {max(buckets)}")
 
 
@@ -87,11 +88,7 @@ def stop_token_mask(decode: Callable[[int], str], vocab_size: int,
     """
     if not stop_strings or any(not s for s in stop_strings):
         raise SamplerError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
-    mask = np.zeros((vocab_size,), bool)
-    for i in range(vocab_size):
-        text = decode(i)
-        mask[i] = any(s in text for s in stop_strings)
-    return mask
+    return np.asarray([any(s in decode(i) for s in stop_strings) for i in range(vocab_size)], bool)
 
 
 def stop_token_sequences(encode: Callable[[str], Sequence[int]], decode: Callable[[Sequence[int]], str],
@@ -121,8 +118,7 @@ def _stop_seq_array(stop_seqs) -> np.ndarray:
     """[MAX_STOP_SEQS, MAX_STOP_LEN] int32, right-aligned, -1 = unused position / unused row."""
     seqs = [] if stop_seqs is None else [tuple(int(t) for t in q) for q in stop_seqs]
     if len(seqs) > MAX_STOP_SEQS or any(not 1 <= len(q) <= MAX_STOP_LEN for q in seqs):
-        raise SamplerError(f"stop_seqs: at most {MAX_STOP_SEQS} sequences of 1..{MAX_STOP_LEN} "
-                           f"tokens, got {stop_seqs!r}")
+        raise SamplerError(f"stop_seqs: at most {MAX_STOP_SEQS} sequences of 1..{MAX_STOP_LEN} tokens, got {stop_seqs!r}")
     arr = np.full((MAX_STOP_SEQS, MAX_STOP_LEN), -1, np.int32)
     for i, q in enumerate(seqs):
         arr[i, MAX_STOP_LEN - len(q):] = q
@@ -144,24 +140,26 @@ def _nucleus(scaled_BxV, top_p):
     probs = jax.nn.softmax(scaled_BxV, axis=-1)
     desc = -jnp.sort(-probs, axis=-1)
     before = jnp.cumsum(desc, axis=-1) - desc            # mass of strictly more likely tokens
-    kept = before < top_p
-    kept = kept.at[:, 0].set(True)
+    kept = (before < top_p).at[:, 0].set(True)
     cutoff = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(probs >= cutoff, scaled_BxV, -jnp.inf)
 
 
-def _pick(logits_BxV, key, temperature, top_p):
-    """(token_B, logp_B) for one step (see the module docstring for the log-prob definition)."""
+def _pick(logits_BxV, key, temperature, top_p, blocked_BxV):
+    """(token_B, logp_B) for one step (log-prob: module docstring); ``blocked_BxV`` are never drawn."""
+    masked_BxV = jnp.where(blocked_BxV, -jnp.inf, logits_BxV)
+
     def greedy(_):
-        tok = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        tok = jnp.argmax(masked_BxV, axis=-1).astype(jnp.int32)
         lp = jax.nn.log_softmax(logits_BxV, axis=-1)
         return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
     def stochastic(_):
-        scaled = logits_BxV / temperature
-        scaled = jax.lax.cond(top_p < 1.0, _nucleus, lambda s, p: s, scaled, top_p)
+        scaled = jax.lax.cond(top_p < 1.0, _nucleus, lambda s, p: s, logits_BxV / temperature, top_p)
         lp = jax.nn.log_softmax(scaled, axis=-1)
-        tok = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        draw = jnp.where(blocked_BxV, -jnp.inf, scaled)      # a nucleus all blocked: the rest of the vocab
+        draw = jnp.where(jnp.all(draw == -jnp.inf, axis=-1, keepdims=True), masked_BxV / temperature, draw)
+        tok = jax.random.categorical(key, draw, axis=-1).astype(jnp.int32)
         return tok, jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
     return jax.lax.cond(temperature > 0.0, stochastic, greedy, None)
@@ -174,11 +172,12 @@ def _seq_stopped(recent_BxL, stop_SxL):
     return jnp.any(hit & jnp.any(used, axis=-1)[None], axis=-1)
 
 
-def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, stop_mask_V, stop_SxL, eos_E,
-            temperature, top_p, *, n_max: int, pad_id: int):
+def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B, stop_mask_V, stop_SxL,
+            eos_E, temperature, top_p, *, n_max: int, pad_id: int):
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params)
     b = max_new_B.shape[0]
+    ends_V = stop_mask_V | jnp.any(jnp.arange(stop_mask_V.shape[0])[:, None] == eos_E[None, :], axis=-1)
     tokens0 = jnp.full((b, n_max), pad_id, jnp.int32)
     logp0 = jnp.zeros((b, n_max), jnp.float32)
 
@@ -189,14 +188,15 @@ def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, stop_mask_
     def body(c):
         i, cache, logits, tokens, logp, done, count, key, recent = c
         key, sub = jax.random.split(key)
-        tok, lp = _pick(logits, sub, temperature, top_p)
+        early_B = i < min_new_B                                   # min_new_tokens not reached yet
+        tok, lp = _pick(logits, sub, temperature, top_p, early_B[:, None] & ends_V[None, :])
         live = ~done
         tok = jnp.where(live, tok, pad_id)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logp = jax.lax.dynamic_update_slice(logp, jnp.where(live, lp, 0.0)[:, None], (0, i))
         recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
         stopped = (stop_mask_V[tok] | jnp.any(tok[:, None] == eos_E[None, :], axis=-1)
-                   | _seq_stopped(recent, stop_SxL))
+                   | (_seq_stopped(recent, stop_SxL) & ~early_B))
         new_logits, cache = model(tok[:, None], positions_after(cache, live[:, None]),
                                   live[:, None], cache=cache, last_only=True)
         logits = jnp.where(live[:, None], new_logits, logits)
@@ -212,11 +212,11 @@ def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, stop_mask_
 
 
 def _prefill_decode(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT, key,
-                    max_new_B, stop_mask_V, stop_SxL, eos_E, temperature, top_p, *, n_max, pad_id):
+                    max_new_B, min_new_B, stop_mask_V, stop_SxL, eos_E, temperature, top_p, *, n_max, pad_id):
     TRACE_COUNTS["prefill_decode"] += 1
     cache, logits = _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT)
-    return _decode(graphdef, params, cache, logits, key, max_new_B, stop_mask_V, stop_SxL, eos_E,
-                   temperature, top_p, n_max=n_max, pad_id=pad_id)
+    return _decode(graphdef, params, cache, logits, key, max_new_B, min_new_B, stop_mask_V, stop_SxL,
+                   eos_E, temperature, top_p, n_max=n_max, pad_id=pad_id)
 
 
 def _grow(cache: KVCache, length: int) -> KVCache:
@@ -299,18 +299,18 @@ class Sampler:
         return state.replace(cache=_grow_jit(state.cache, length))
 
     @staticmethod
-    def _budgets(max_new_tokens, num_rows: int, batch: int) -> np.ndarray:
+    def _budgets(max_new_tokens, num_rows: int, batch: int, what: str = "max_new_tokens") -> np.ndarray:
         mx = np.zeros((batch,), np.int32)
         try:
             mx[:num_rows] = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (num_rows,))
         except ValueError:
-            raise SamplerError(f"max_new_tokens must be an int or one per row ({num_rows}), got "
+            raise SamplerError(f"{what} must be an int or one per row ({num_rows}), got "
                                f"{max_new_tokens!r}") from None
         if mx.min() < 0:
-            raise SamplerError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+            raise SamplerError(f"{what} must be >= 0, got {max_new_tokens}")
         return mx
 
-    def _decode_args(self, key, mx, stop_mask, stop_seqs, eos_ids, temperature, top_p):
+    def _decode_args(self, key, mx, mn, stop_mask, stop_seqs, eos_ids, temperature, top_p):
         v = self.cfg.vocab_size
         stop = np.zeros((v,), bool) if stop_mask is None else np.asarray(stop_mask, bool)
         if stop.shape != (v,):
@@ -329,8 +329,8 @@ class Sampler:
         seqs = _stop_seq_array(stop_seqs)
         if seqs.max() >= v:
             raise SamplerError(f"stop_seqs hold token ids outside [0, {v}): {stop_seqs!r}")
-        return (key, jnp.asarray(mx), jnp.asarray(stop), jnp.asarray(seqs), jnp.asarray(eos_arr),
-                jnp.float32(temperature), jnp.float32(top_p))
+        return (key, jnp.asarray(mx), jnp.asarray(mn), jnp.asarray(stop), jnp.asarray(seqs),
+                jnp.asarray(eos_arr), jnp.float32(temperature), jnp.float32(top_p))
 
     def _completion(self, state, tokens, logp, lengths, mx) -> Completion:
         r = state.num_rows
@@ -366,14 +366,15 @@ class Sampler:
                                     tokens, valid)
         return state.replace(cache=cache, last_logits_BxV=logits)
 
-    def generate(self, state: SamplerState, key=None, max_new_tokens=32, *, temperature=0.0,
-                 top_p=1.0, stop_mask=None, stop_seqs=None,
-                 eos_ids=None) -> tuple[SamplerState, Completion]:
-        """Continue every row (``max_new_tokens``: int or one per row; 0 = leave the row alone)."""
+    def generate(self, state: SamplerState, key=None, max_new_tokens=32, *, temperature=0.0, top_p=1.0,
+                 stop_mask=None, stop_seqs=None, eos_ids=None, min_new_tokens=0) -> tuple[SamplerState, Completion]:
+        """Continue every row (``max_new_tokens``: int or one per row; 0 = leave the row alone;
+        ``min_new_tokens``: int or one per row, see the module docstring)."""
         mx = self._budgets(max_new_tokens, state.num_rows, state.cache.batch)
+        mn = self._budgets(min_new_tokens, state.num_rows, state.cache.batch, "min_new_tokens")
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
         state = self._fit(state, int(state.cache.end) + int(mx.max(initial=0)))
-        args = self._decode_args(key, mx, stop_mask, stop_seqs, eos_ids, temperature, top_p)
+        args = self._decode_args(key, mx, mn, stop_mask, stop_seqs, eos_ids, temperature, top_p)
         cache, logits, tokens, logp, lengths = _decode_jit(
             self.graphdef, self.params, state.cache, state.last_logits_BxV, *args,
             n_max=n_max, pad_id=self.pad_id)
@@ -382,18 +383,19 @@ class Sampler:
 
     def sample(self, prompts: Sequence[Sequence[int]], key=None, max_new_tokens=32, *,
                temperature=0.0, top_p=1.0, stop_mask=None, stop_seqs=None, eos_ids=None,
-               reserve: int = 0) -> tuple[SamplerState, Completion]:
+               reserve: int = 0, min_new_tokens=0) -> tuple[SamplerState, Completion]:
         """Prefill + decode in one compiled call; the returned state can be extended further."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise SamplerError("sample() needs at least one prompt and no empty prompt")
         b = bucket(len(prompts), self.batch_buckets, "batch size")
         tokens, valid = self._chunk(prompts, b)
         mx = self._budgets(max_new_tokens, len(prompts), b)
+        mn = self._budgets(min_new_tokens, len(prompts), b, "min_new_tokens")
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
         length = bucket(tokens.shape[1] + int(mx.max(initial=0)) + reserve, self.length_buckets,
                         "KV cache length")
         state = self._fresh(b, length, len(prompts))
-        args = self._decode_args(key, mx, stop_mask, stop_seqs, eos_ids, temperature, top_p)
+        args = self._decode_args(key, mx, mn, stop_mask, stop_seqs, eos_ids, temperature, top_p)
         cache, logits, out_tokens, logp, lengths = _prefill_decode_jit(
             self.graphdef, self.params, state.cache, state.last_logits_BxV, tokens, valid, *args,
             n_max=n_max, pad_id=self.pad_id)

@@ -191,8 +191,8 @@ class TrainCheckpoints:
 # ------------------------------------------------------------------------------------ eval, export
 @nnx.jit
 def _forward_logp(model, tokens_BxT, positions_BxT, valid_BxT):
-    logits, _ = model(tokens_BxT, positions_BxT, valid_BxT)
-    return losses.token_logprobs_and_entropy(logits, tokens_BxT)
+    h, _ = model.hidden(tokens_BxT, positions_BxT, valid_BxT)   # head in chunks: no [B, T, V] logits
+    return losses.head_logprobs_and_entropy(model.head, h[:, :-1], tokens_BxT)
 
 
 def eval_loss(learner: train.Learner, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -83,3 +83,18 @@ def test_multi_token_stop_string_cuts_completion(sampler_tok):
     else:
         assert out.finish == "length"
     assert tok.decode(out.token_ids) == out.text
+
+
+def test_min_new_tokens_reaches_the_sampler(sampler_tok):
+    """A stop string that is every row's greedy first token ends the call at once unless min_new_tokens."""
+    sampler, tok = sampler_tok
+    reqs = [Request(k, [Span("prompt", f"Question {k}: what is {k}?")]) for k in range(3)]
+    first = [c.text[0] for c in LMPolicy(sampler, tok, incremental=False).generate(reqs, ["\n"], 6, 0.0)]
+    stops = sorted(set(first))
+    for incremental in (True, False):
+        plain = LMPolicy(sampler, tok, incremental=incremental).generate(reqs, stops, 6, 0.0)
+        assert all(c.text in stops and c.finish == "stop" for c in plain)
+        held = LMPolicy(sampler, tok, incremental=incremental, min_new_tokens=1).generate(reqs, stops, 6, 0.0)
+        assert all(c.text[0] not in stops and len(c.token_ids) >= 2 for c in held)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        LMPolicy(sampler, tok, min_new_tokens=-1)

@@ -191,6 +191,7 @@ def test_no_recompile_within_buckets(model):
     state = sampler.start(PROMPTS[:3], reserve=100)
     state, _ = sampler.generate(state, max_new_tokens=10)
     state = sampler.extend(state, [[1, 2], [3], [4, 5, 6]])
+    state, _ = sampler.generate(state, max_new_tokens=3)   # the 8-token bucket (so the test runs alone)
     before = dict(sampling.TRACE_COUNTS)
     # other prompts, batch 3 (same bucket of 4), other budgets <= 16, other temperature / top-p
     sampler.sample([[9] * 9, [8], [7] * 16], jax.random.key(1), max_new_tokens=[3, 16, 9],
@@ -200,8 +201,49 @@ def test_no_recompile_within_buckets(model):
     state = sampler.extend(state, [[7], [], [8, 8, 8, 8, 8]])
     state, _ = sampler.generate(state, max_new_tokens=3)
     sampler.set_params(jax.tree.map(lambda x: x * 1.0, sampler.params))
-    state, _ = sampler.generate(state, max_new_tokens=3)
+    state, _ = sampler.generate(state, max_new_tokens=3, min_new_tokens=[2, 0, 1])   # min_new_tokens: data
+    sampler.sample([[9] * 9, [8], [7] * 16], jax.random.key(1), max_new_tokens=[3, 16, 9],
+                   temperature=0.8, top_p=0.9, min_new_tokens=3)
     assert dict(sampling.TRACE_COUNTS) == before
+
+
+def test_min_new_tokens_masks_stop_tokens_eos_and_sequences_first(model):
+    """As vLLM's min_tokens: for the first n tokens no stop / EOS token is drawn and no sequence stops."""
+    sampler = sampling.Sampler(model, eos_ids=())
+    _, free = sampler.sample(PROMPTS, max_new_tokens=12)
+    firsts = sorted({int(r[0]) for r in free.tokens_BxN})
+    stop = np.zeros((512,), bool)
+    stop[firsts] = True                          # every row's greedy first token is a stop token
+    _, out0 = sampler.sample(PROMPTS, max_new_tokens=12, stop_mask=stop)
+    assert out0.lengths_B.tolist() == [1] * 4
+    _, out = sampler.sample(PROMPTS, max_new_tokens=12, stop_mask=stop, min_new_tokens=[1, 2, 0, 1])
+    assert out.lengths_B[2] == 1 and all(out.lengths_B[i] >= n + 1 for i, n in ((0, 1), (1, 2), (3, 1)))
+    logits = np.asarray(sampler.start(PROMPTS).last_logits_BxV)
+    for i in (0, 1, 3):
+        row = out.tokens_BxN[i].tolist()
+        assert not stop[row[0]] and row[0] == int(np.argmax(np.where(stop, -np.inf, logits[i])))
+        assert not any(stop[t] for t in row[:[1, 2, 0, 1][i]])
+        # greedy log-probs stay the temperature-1 (unmasked) ones, what the scoring pass gives
+        np.testing.assert_allclose(out.logp_BxN[i, 0], jax.nn.log_softmax(logits[i])[row[0]], atol=1e-4)
+    # the same with the ids as EOS, and on the incremental path
+    _, eos = sampler.sample(PROMPTS, max_new_tokens=12, eos_ids=firsts[:8], min_new_tokens=1)
+    state = sampler.start(PROMPTS)
+    _, inc = sampler.generate(state, None, 12, eos_ids=firsts[:8], min_new_tokens=1)
+    assert eos.tokens_BxN.tolist() == inc.tokens_BxN.tolist() and all(not stop[r[0]] for r in eos.tokens_BxN)
+    # at temperature 1 the first token is drawn outside the mask; its log-prob is the model's (= scoring)
+    for seed in range(3):
+        _, t1 = sampler.sample(PROMPTS, jax.random.key(seed), 12, temperature=1.0, stop_mask=stop, min_new_tokens=1)
+        for i in range(4):
+            t = int(t1.tokens_BxN[i, 0])
+            assert not stop[t]
+            np.testing.assert_allclose(t1.logp_BxN[i, 0], jax.nn.log_softmax(logits[i])[t], atol=1e-4)
+    # a stop sequence completed inside the first n tokens does not end the row
+    row = free.tokens_BxN[2].tolist()
+    _, seq = sampler.sample(PROMPTS, max_new_tokens=12, stop_seqs=[row[:2]], min_new_tokens=2)
+    _, seq0 = sampler.sample(PROMPTS, max_new_tokens=12, stop_seqs=[row[:2]])
+    assert seq0.lengths_B[2] == 2 and seq.lengths_B[2] > 2
+    with pytest.raises(sampling.SamplerError, match="min_new_tokens must be >= 0"):
+        sampler.sample(PROMPTS, max_new_tokens=4, min_new_tokens=-1)
 
 
 def test_sampler_rejects_bad_input(model):

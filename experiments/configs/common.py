@@ -26,6 +26,9 @@ def base(env: str, split: str, num_tasks: int, env_backend: str = "threads") -> 
     c.model.attention = "default"    # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any backend)
     c.model.policy = "lm"            # lm (the sampler) | scripted-gold (the env's gold actions; checks)
     c.model.incremental = True       # keep each episode's KV cache and extend it (False: re-prefill)
+    # no stop/EOS in a completion's first n tokens (vLLM min_tokens); 2 on HotpotQA, whose calls never
+    # end after one token, 1 elsewhere (" look\n", " submit\n" are 2 tokens); figures in WORKSPACE.md
+    c.model.min_new_tokens = 2 if env == "hotpotqa" else 1
 
     c.eval = mlc.ConfigDict()
     c.eval.num_tasks = num_tasks     # tasks evaluated, from start_task on (paper: 100 / 134 / 100)
@@ -43,6 +46,8 @@ def base(env: str, split: str, num_tasks: int, env_backend: str = "threads") -> 
     c.eval.env_workers = 4           # threads or worker processes stepping the envs
     c.eval.num_examples = 2          # few-shot exemplars (react / reflexion methods)
     c.eval.progress = True           # tqdm progress bar
+    c.eval.cache_buckets = ""        # sampler KV-cache lengths / extension chunk lengths, comma lists
+    c.eval.chunk_buckets = ""        #   ("" = powers of two); fewer = fewer compilations, more padding
 
     # Training stages (``--config.stages=il,rl,eval``). The pipeline chains them: IL starts from
     # c.model; RL starts from the IL export when the IL stage ran in this run_dir; eval uses the
@@ -54,6 +59,7 @@ def base(env: str, split: str, num_tasks: int, env_backend: str = "threads") -> 
     c.il.data.expert_envs = "" if released else (env if env in EXPERT_ENVS else "")
     c.rl = rl_stage.default_config()
     c.rl.env = env
+    c.rl.collect.min_new_tokens = c.model.min_new_tokens
     c.rl.il_data.released = released         # the IL regulariser's data (+ the IL stage's expert
     c.rl.il_data.expert_envs = ""            #   samples, added by the pipeline when they exist)
     return c

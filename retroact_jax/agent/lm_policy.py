@@ -20,7 +20,8 @@ Stop strings become the sampler's vocabulary mask (tokens whose text contains on
 string that spans several tokens ("Observation"), token sequences the decode loop stops on
 (``sampling.stop_token_sequences``); the decoded text is checked as well (another tokenisation of
 the stop string): the completion and the row are cut right after it. Temperature 0 is greedy. Sampling keys derive from the requests'
-seeds, so a batch's draw is reproducible given its composition.
+seeds, so a batch's draw is reproducible given its composition. ``min_new_tokens`` (vLLM's
+``min_tokens``): no stop / EOS token among a completion's first n tokens (``sampling`` module).
 """
 from __future__ import annotations
 
@@ -53,8 +54,11 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 
 class LMPolicy:
     def __init__(self, sampler: sampling.Sampler, tokenizer, *, incremental: bool = True,
-                 top_p: float = 1.0, compact_slack: float = 2.0):
+                 top_p: float = 1.0, compact_slack: float = 2.0, min_new_tokens: int = 0):
         self.sampler, self.tok = sampler, tokenizer
+        if int(min_new_tokens) < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
+        self.min_new_tokens = int(min_new_tokens)
         self.incremental = incremental
         self.top_p = float(top_p)
         self.compact_slack = float(compact_slack)
@@ -90,7 +94,8 @@ class LMPolicy:
         mask, seqs = self._stop_mask(tuple(stop))
         if not self.incremental:
             state, out = self.sampler.sample(ids, key, max_new_tokens, temperature=temperature,
-                                             top_p=self.top_p, stop_mask=mask, stop_seqs=seqs)
+                                             top_p=self.top_p, stop_mask=mask, stop_seqs=seqs,
+                                             min_new_tokens=self.min_new_tokens)
             self.stats["prefill_tokens"] += sum(map(len, ids))
             return [self._completion(out, i, stop) for i in range(len(requests))]
         rows = self._assign([r.key for r in requests])
@@ -99,7 +104,8 @@ class LMPolicy:
         budgets[rows] = max_new_tokens
         before = np.asarray(self.state.cache.valid_BxS)
         self.state, out = self.sampler.generate(self.state, key, budgets, temperature=temperature,
-                                                top_p=self.top_p, stop_mask=mask, stop_seqs=seqs)
+                                                top_p=self.top_p, stop_mask=mask, stop_seqs=seqs,
+                                                min_new_tokens=self.min_new_tokens)
         new_slots = self._new_slots(before)
         comps = []
         for i, row in enumerate(rows):

@@ -91,6 +91,9 @@ def default_config() -> mlc.ConfigDict:
     c.train.buckets = "256,512,1024,2048"  # padded row lengths (one compile each)
     c.train.observations = "trained"  # trained (original: whole output) | masked
     c.train.mesh = ""                 # e.g. "data=2,fsdp=-1" ("" single device)
+    c.train.head_chunk = 256          # vocabulary head + log-prob in chunks of this many positions (0: whole)
+    c.train.attention = "blockwise"   # train-step attention: default | dot_product | blockwise (no [T, T] scores)
+    c.train.remat = "none"            # per-layer recompute in the backward: none | dots | full
     c.train.log_every = 10
     c.train.eval_every = 200          # held-out loss every N steps (and before / after); 0 off
     c.train.checkpoint_every = 200
@@ -280,7 +283,7 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
         from retroact_jax import sharding
         mesh = sharding.make_mesh({k: int(v) for k, v in (a.split("=") for a in _list(c.train.mesh))})
     learner = train.Learner(models, optimizer=opt_cfg, loss=_loss_cfg(c), rows=rows, mesh=mesh,
-                            max_update_ratio=float(c.train.max_update_ratio))
+                            max_update_ratio=float(c.train.max_update_ratio), **train.memory_kwargs(c.train))
 
     ckpts = stages.TrainCheckpoints(workdir / "checkpoints", max_to_keep=int(c.train.keep_checkpoints))
     cfg_json = _to_dict(c)

@@ -76,6 +76,7 @@ def default_config() -> mlc.ConfigDict:
     c.collect.temperature = 1.0       # exploration temperature (PAPER.md §4)
     c.collect.reflector_temperature = 1.0
     c.collect.top_p = 1.0
+    c.collect.min_new_tokens = 1      # no stop/EOS in a completion's first n tokens (vLLM min_tokens)
     c.collect.batch_size = 8          # tasks in flight
     c.collect.env_workers = 4
     c.collect.env_backend = ""        # "" = the env's default (ALFWorld processes, else threads)
@@ -118,6 +119,9 @@ def default_config() -> mlc.ConfigDict:
     c.train.reflector_reward = "delta_scaled"  # delta_scaled (original code) | delta (paper Eq. 6)
     c.train.alpha = 1.0               # reflector reward coefficient
     c.train.mesh = ""
+    c.train.head_chunk = 256          # vocabulary head + log-prob in chunks of this many positions (0: whole)
+    c.train.attention = "blockwise"   # train-step attention: default | dot_product | blockwise (no [T, T] scores)
+    c.train.remat = "none"            # per-layer recompute in the backward: none | dots | full
     c.train.log_every = 10
     c.train.checkpoint_every = 200    # also at the end of every iteration
     c.train.keep_checkpoints = 2
@@ -290,7 +294,7 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
         from retroact_jax import sharding
         mesh = sharding.make_mesh({k: int(v) for k, v in (a.split("=") for a in _list(c.train.mesh))})
     learner = train.Learner({r: models[r] for r in trained}, optimizer=opt_cfg, loss=loss_cfg, rows=rows, mesh=mesh,
-                            max_update_ratio=float(c.train.max_update_ratio))
+                            max_update_ratio=float(c.train.max_update_ratio), **train.memory_kwargs(c.train))
     behaviour: dict[int, _Behaviour] = {}
     for r in ("planner", "reflector"):
         if id(models[r]) not in behaviour:
@@ -342,8 +346,8 @@ def run_rl(config: Any, workdir: str | pathlib.Path) -> dict:
                 p.unlink()
 
     def policies(temperature_cfg: bool):
-        pl = LMPolicy(beh["planner"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
-        rf = LMPolicy(beh["reflector"].sampler, tok, top_p=float(c.collect.top_p) if temperature_cfg else 1.0)
+        kw = dict(top_p=float(c.collect.top_p) if temperature_cfg else 1.0, min_new_tokens=int(c.collect.min_new_tokens))
+        pl, rf = LMPolicy(beh["planner"].sampler, tok, **kw), LMPolicy(beh["reflector"].sampler, tok, **kw)
         return pl, rf
 
     # step / token limits of the agent (collection and the eval hook alike)
