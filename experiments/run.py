@@ -38,6 +38,8 @@ def main(argv) -> None:
         pipeline.resolve(c)
         validate.validate(c)
     cli.init_jax(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _COMPILE_CACHE.value)
+    from retroact_jax import metrics
+    metrics.compile_counters()          # count compile time from before the first stage
     with cli.user_errors():
         pipeline.run(c)
 

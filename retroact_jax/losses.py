@@ -82,22 +82,63 @@ def shifted_logprobs_and_entropy(logits_BxSxV: jax.Array, tokens_BxT: jax.Array)
     B, T = tokens_BxT.shape
     if logits_BxSxV.shape[:2] != (B, T - 1):
         raise ValueError(f"logits {logits_BxSxV.shape} must be [B, T-1, V] for tokens {tokens_BxT.shape}")
-    logits = logits_BxSxV.astype(jnp.float32)
-    nxt = tokens_BxT[:, 1:].astype(jnp.int32)
-    # one exp pass over [B, S, V]: e = exp(logits - max) serves the log-sum-exp, the entropy and the
+    logp_BxS, ent_BxS = _logp_entropy(logits_BxSxV, tokens_BxT[:, 1:])
+    zero_Bx1 = jnp.zeros((B, 1), jnp.float32)
+    return jnp.concatenate([zero_Bx1, logp_BxS], axis=1), jnp.concatenate([zero_Bx1, ent_BxS], axis=1)
+
+
+def _logp_entropy(logits_NxV: jax.Array, next_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Log-prob of ``next`` and entropy (no gradient) under each row of logits (any leading dims)."""
+    logits = logits_NxV.astype(jnp.float32)
+    nxt = next_N.astype(jnp.int32)
+    # one exp pass over [.., V]: e = exp(logits - max) serves the log-sum-exp, the entropy and the
     # backward (softmax = e / Z); an all -inf row gets max 0 (as jax.nn.logsumexp)
     mx = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
     shifted = logits - mx[..., None]
-    e_BxSxV = jnp.exp(shifted)
-    z_BxS = jnp.sum(e_BxSxV, axis=-1)
-    log_z = jnp.log(z_BxS)
+    e = jnp.exp(shifted)
+    z = jnp.sum(e, axis=-1)
+    log_z = jnp.log(z)
     logp = jnp.take_along_axis(shifted, nxt[..., None], axis=-1)[..., 0] - log_z
     # H = log Z - E_p[logit - max]; -inf logits (e = 0) add 0
-    e_sg, sh_sg, z_sg = (jax.lax.stop_gradient(x) for x in (e_BxSxV, shifted, z_BxS))
+    e_sg, sh_sg, z_sg = (jax.lax.stop_gradient(x) for x in (e, shifted, z))
     ent = jax.lax.stop_gradient(log_z) - jnp.sum(jnp.where(e_sg > 0, e_sg * sh_sg, 0.0), axis=-1) / z_sg
+    return logp, ent
+
+
+def head_logprobs_and_entropy(head_fn, h_BxSxD: jax.Array, tokens_BxT: jax.Array,
+                              chunk: int = 256) -> tuple[jax.Array, jax.Array]:
+    """``shifted_logprobs_and_entropy(head_fn(h_BxSxD), tokens_BxT)`` without the [B, S, V] logits.
+
+    ``head_fn`` maps hidden states [N, D] to logits [N, V] (the model's head). The B*S positions are
+    cut into chunks of ``chunk`` rows, mapped one at a time (``lax.map``) under ``jax.checkpoint``:
+    the forward keeps only each chunk's log-prob and entropy, the backward recomputes the chunk's
+    logits from its hidden states. Live memory: a few [chunk, V] arrays instead of several [B, S, V]
+    ones (2047 x 49152 floats = 400 MB each), for one more head matmul in the backward.
+    ``chunk <= 0`` = the unchunked computation (one [B, S, V] logits array).
+    """
+    B, T = tokens_BxT.shape
+    S, D = h_BxSxD.shape[1], h_BxSxD.shape[2]
+    if (h_BxSxD.shape[0], S) != (B, T - 1):
+        raise ValueError(f"hidden {h_BxSxD.shape} must be [B, T-1, D] for tokens {tokens_BxT.shape}")
+    if chunk <= 0 or B * S <= chunk:
+        return shifted_logprobs_and_entropy(head_fn(h_BxSxD), tokens_BxT)
+    n = B * S
+    k = -(-n // chunk)
+    pad = k * chunk - n
+    h_KxCxD = jnp.pad(h_BxSxD.reshape(n, D), ((0, pad), (0, 0))).reshape(k, chunk, D)
+    nxt_KxC = jnp.pad(tokens_BxT[:, 1:].reshape(n).astype(jnp.int32), (0, pad)).reshape(k, chunk)
+
+    @jax.checkpoint
+    def one(args):
+        h_CxD, nxt_C = args
+        return _logp_entropy(head_fn(h_CxD), nxt_C)
+
+    logp_KxC, ent_KxC = jax.lax.map(one, (h_KxCxD, nxt_KxC))
+    logp_BxS = logp_KxC.reshape(-1)[:n].reshape(B, S)
+    ent_BxS = ent_KxC.reshape(-1)[:n].reshape(B, S)
     zero_Bx1 = jnp.zeros((B, 1), jnp.float32)
-    return jnp.concatenate([zero_Bx1, logp], axis=1), jnp.concatenate([zero_Bx1, ent], axis=1)
+    return jnp.concatenate([zero_Bx1, logp_BxS], axis=1), jnp.concatenate([zero_Bx1, ent_BxS], axis=1)
 
 
 def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:

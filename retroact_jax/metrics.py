@@ -166,3 +166,102 @@ class MetricsWriter:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
+
+
+# ------------------------------------------------------------------------ memory and compile time
+_COMPILE = {"compile_s": 0.0, "compiles": 0, "cache_hits": 0, "cache_misses": 0}
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_listening = False
+
+
+def _on_duration(event: str, secs: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _COMPILE["compile_s"] += float(secs)
+        if event == _COMPILE_EVENTS[-1]:
+            _COMPILE["compiles"] += 1
+            # XLA:CPU's compiler frees GBs of small heap blocks that glibc keeps (fragmented); the
+            # executable's temp buffer is a fresh mapping on top of them: hand them back first
+            _release_free_heap()
+
+
+def _on_event(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _COMPILE["cache_hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        _COMPILE["cache_misses"] += 1
+
+
+def compile_counters() -> dict:
+    """Seconds spent tracing, lowering and compiling (or reading the persistent cache) since the
+    first call (which starts listening; each compile then ends with ``malloc_trim``), the number of executables built (compiled or read from the persistent
+    cache), persistent-cache hits and misses."""
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        jax.monitoring.register_event_listener(_on_event)
+        _listening = True
+    return dict(_COMPILE)
+
+
+def rss_gb() -> tuple[float, float]:
+    """(current RSS, peak RSS since the last ``reset_peak_rss``) of this process in GB (Linux)."""
+    vals = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                vals[line[:5]] = int(line.split()[1]) * 1024 / 1e9
+    return vals.get("VmRSS", 0.0), vals.get("VmHWM", 0.0)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_free_heap() -> None:
+    """glibc ``malloc_trim(0)``: hand freed heap pages (a stage's executables' temp buffers) back to
+    the OS so the next stage starts from what is live; a no-op elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class StageMemory:
+    """``with StageMemory("il") as m: ...`` -> ``m.summary``: the stage's peak and end RSS (GB; end after
+    ``malloc_trim``), wall
+    seconds, compile seconds, backend compiles and persistent-cache hits / misses during the stage;
+    ``line()`` is the one-line report the run prints."""
+
+    def __init__(self, stage: str):
+        self.stage, self.summary = stage, {}
+
+    def __enter__(self):
+        self._exact = reset_peak_rss()
+        self._c0, self._t0 = compile_counters(), time.time()
+        return self
+
+    def __exit__(self, *exc):
+        c1 = compile_counters()
+        _release_free_heap()
+        rss, peak = rss_gb()
+        self.summary = {"peak_rss_gb": round(peak, 2), "end_rss_gb": round(rss, 2),
+                        "peak_is_process_peak": not self._exact,
+                        "wall_s": round(time.time() - self._t0, 1),
+                        **{k: round(c1[k] - self._c0[k], 1) if k == "compile_s" else c1[k] - self._c0[k]
+                           for k in c1}}
+        return False
+
+    def line(self) -> str:
+        s = self.summary
+        return (f"stage {self.stage}: peak RSS {s['peak_rss_gb']:.2f} GB (end {s['end_rss_gb']:.2f}), "
+                f"wall {s['wall_s']:.0f} s, compile {s['compile_s']:.0f} s ({s['compiles']} compiles, "
+                f"persistent cache {s['cache_hits']} hits / {s['cache_misses']} misses)")

@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from retroact_jax import batching, losses, optim, sharding
+from retroact_jax.models.decoder import set_memory_options
 
 ROLES = losses.ROLES
 # A step whose update norm exceeds this many times the role's parameter norm is divergence. Sane
@@ -116,6 +117,24 @@ def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows
     return {k: np.concatenate([parts[r][k] for r in ROLES if r in parts]) for k in keys}, stats
 
 
+# ------------------------------------------------------------------------------------ memory settings
+ATTENTIONS, REMATS = ("default", "dot_product", "blockwise"), ("none", "dots", "full")
+
+
+def memory_kwargs(train_cfg: Any) -> dict:
+    """``Learner`` keyword arguments from a stage's ``train`` config: ``head_chunk`` (positions per
+    chunk of the vocabulary head, 0 = whole logits), ``attention`` and ``remat`` (the decoder's
+    memory options for the train step; bench/README.md has their memory and speed)."""
+    attn, remat = str(train_cfg.attention), str(train_cfg.remat)
+    if attn not in ATTENTIONS:
+        raise TrainError(f"config.train.attention={attn!r}: choose one of {ATTENTIONS}")
+    if remat not in REMATS:
+        raise TrainError(f"config.train.remat={remat!r}: choose one of {REMATS}")
+    if int(train_cfg.head_chunk) < 0:
+        raise TrainError(f"config.train.head_chunk must be >= 0, got {train_cfg.head_chunk}")
+    return {"head_chunk": int(train_cfg.head_chunk), "memory": {"attention": attn, "remat": remat}}
+
+
 # --------------------------------------------------------------------------------------------- learner
 @dataclasses.dataclass
 class _Part:
@@ -128,13 +147,17 @@ class Learner:
 
     ``models``: {"planner": Decoder, "reflector": Decoder}; pass the same object for both roles for the
     single-agent setting (shared parameters), or omit a role that is not trained (e.g. SFT+RL trains
-    the planner only). ``rows``: rows per role in each step's batch.
+    the planner only). ``rows``: rows per role in each step's batch. ``head_chunk``: positions per
+    chunk of the vocabulary head + log-prob (0 = the whole [B, T, V] logits at once). ``memory``: the
+    decoder's memory options for the train step only (``decoder.set_memory_options``: ``attention``,
+    ``attention_block``, ``remat``); the models themselves (and samplers split from them) keep theirs.
     """
 
     def __init__(self, models: Mapping[str, nnx.Module], *, optimizer: Any,
                  loss: losses.LossConfig = losses.LossConfig(), rows: Mapping[str, int],
                  mesh: Mesh | None = None, rules=sharding.DECODER_RULES,
-                 max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO):
+                 max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO, head_chunk: int = 256,
+                 memory: Mapping[str, Any] | None = None):
         unknown = set(models) - set(ROLES)
         if unknown or not models:
             raise TrainError(f"models must map roles {ROLES} to models, got {sorted(models)}")
@@ -150,6 +173,7 @@ class Learner:
         self.names = tuple(dict.fromkeys(self.role_name.values()))
         self.loss_cfg = loss
         self.mesh = mesh
+        self.head_chunk = int(head_chunk)   # positions per head chunk (losses.head_logprobs_and_entropy)
         self.max_update_ratio = float(max_update_ratio)
         if not self.max_update_ratio >= 0:
             raise TrainError(f"max_update_ratio must be >= 0 (0: off), got {max_update_ratio}")
@@ -161,7 +185,13 @@ class Learner:
         for name in self.names:
             model = next(models[r] for r in ROLES if self.role_name.get(r) == name)
             model.train()
-            graphdef, p, rng, frozen = nnx.split(model, trainable_filter(model), nnx.RngState, ...)
+            own_cfg = model.cfg
+            if memory:
+                set_memory_options(model, **memory)
+            try:
+                graphdef, p, rng, frozen = nnx.split(model, trainable_filter(model), nnx.RngState, ...)
+            finally:
+                model.cfg = own_cfg
             self._parts[name] = _Part(graphdef, frozen)
             params[name], rngs[name] = p, rng
         # abstract models (``nnx.eval_shape``, ShapeDtypeStruct leaves): a state of shapes only, for
@@ -201,20 +231,21 @@ class Learner:
                 start += self.rows[r]
         for name in self.names:
             part = self._parts[name]
-            # fresh RNG Variables in this trace (the State's own Variables belong to the outer
-            # trace: LoRA dropout advancing their count would raise TraceContextError)
-            model = nnx.merge(part.graphdef, params[name], jax.tree.map(lambda x: x, rngs[name]),
-                              frozen[name])
+            # fresh Variables in this trace (the States' own Variables belong to the outer trace:
+            # LoRA dropout advancing its count, or a remat layer writing its state back, would
+            # raise TraceContextError)
+            fresh = lambda st: jax.tree.map(lambda x: x, st)  # noqa: E731
+            model = nnx.merge(part.graphdef, fresh(params[name]), fresh(rngs[name]), fresh(frozen[name]))
             mine = [(r, a, b) for r, a, b in spans if self.role_name[r] == name]
             # rows of one model are contiguous (planner then reflector), so one forward per model
             a, b = mine[0][1], mine[-1][2]
             sl = lambda x: x[a:b]  # noqa: E731
             h_BxTxD, _ = model.hidden(sl(batch["tokens_BxT"]), sl(batch["positions_BxT"]),
                                       sl(batch["valid_BxT"]))
-            # the last position predicts no trained token: the head runs on T-1 positions, so the
-            # [B, T, V] logits are never sliced (forward) nor padded back (backward)
-            logits_BxSxV = model.head(h_BxTxD[:, :-1])
-            lp, ent = losses.shifted_logprobs_and_entropy(logits_BxSxV, sl(batch["tokens_BxT"]))
+            # the last position predicts no trained token: the head runs on T-1 positions, in chunks
+            # of head_chunk positions (never the whole [B, T, V] logits, recomputed in the backward)
+            lp, ent = losses.head_logprobs_and_entropy(model.head, h_BxTxD[:, :-1], sl(batch["tokens_BxT"]),
+                                                       self.head_chunk)
             logps.append((a, lp))
             ents.append((a, ent))
             new_rngs[name] = nnx.state(model, nnx.RngState)

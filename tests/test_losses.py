@@ -108,6 +108,33 @@ def test_token_logprobs_and_entropy_match_numpy_and_are_aligned():
     assert np.all(np.asarray(logp)[:, 0] == 0)
 
 
+@pytest.mark.parametrize("chunk", [0, 5, 7, 64])
+def test_chunked_head_logprobs_equal_unchunked_values_and_gradients(chunk):
+    """The chunked head + log-prob (recomputed in the backward) = head then log-prob, in values
+    and in the gradients w.r.t. hidden states and head weights (chunks need not divide B*(T-1))."""
+    rng = np.random.default_rng(3)
+    D = 6
+    h = jnp.asarray(rng.normal(size=(B, T - 1, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, V, size=(B, T)))
+    g_lp = jnp.asarray(rng.normal(size=(B, T)), jnp.float32)
+
+    def f(h, w, fn):
+        lp, ent = fn(h, w)
+        return jnp.sum(lp * g_lp) + jnp.sum(jax.lax.stop_gradient(ent)), (lp, ent)
+
+    ref = lambda h, w: losses.shifted_logprobs_and_entropy(h @ w, tokens)  # noqa: E731
+    got = lambda h, w: losses.head_logprobs_and_entropy(lambda x: x @ w, h, tokens, chunk)  # noqa: E731
+    (_, (lp0, ent0)), g0 = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w, ref)
+    (_, (lp1, ent1)), g1 = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True),
+                                   static_argnums=2)(h, w, got)
+    np.testing.assert_allclose(lp1, lp0, atol=1e-5)
+    np.testing.assert_allclose(ent1, ent0, atol=1e-5)
+    np.testing.assert_allclose(lp1, np_token_logprobs(np.einsum("bsd,dv->bsv", h, w), tokens), atol=1e-4)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_token_logprobs_stable_for_huge_logits_and_bf16():
     logits = jnp.asarray([[[1e4, 0.0, -1e4], [3e4, 3e4, 0.0]]], jnp.bfloat16)
     logp = losses.token_logprobs(logits, jnp.asarray([[0, 1]]))

@@ -28,6 +28,7 @@ def get_config():
     c.il.train.max_steps = 4
     c.il.train.eval_every = 4            # = max_steps: held-out loss before and after only
     c.il.train.log_every = 1
+    c.il.train.attention = "default"     # 512-token rows: full scores are small and compile 2-3x faster
     c.il.optimizer.learning_rate = 3e-4
     c.il.optimizer.warmup_steps = 1
     # --- RL: one iteration: 2 train questions x 2 trials at temperature 1, one pass over the buffer
@@ -39,11 +40,14 @@ def get_config():
     c.rl.collect.batch_size = 2
     c.rl.collect.planner_max_tokens = 48
     c.rl.collect.reflector_max_tokens = 48
+    c.rl.collect.cache_buckets = "2048,4096"   # one KV-cache length for these prompts: no regrowth,
+    c.rl.collect.chunk_buckets = "16,64,256,1024"  # fewer shapes to compile (bench/README.md)
     c.rl.replay.drop_zero_reward = False  # the untrained model rarely scores: keep R = 0 rows
     c.rl.replay.max_chars = 0             # keep long rows (the original drops > 5000 chars)
     c.rl.replay.max_tokens = 0            # rows are cut at the bucket instead of dropped
     c.rl.train.buckets = "512"
     c.rl.train.log_every = 1
+    c.rl.train.attention = "default"
     c.rl.optimizer.learning_rate = 1e-4
     c.rl.optimizer.warmup_steps = 1
     # --- evaluation: 3 test questions x 2 trials
@@ -51,4 +55,6 @@ def get_config():
     c.eval.batch_size = 3
     c.eval.planner_max_tokens = 48
     c.eval.reflector_max_tokens = 48
+    c.eval.cache_buckets = c.rl.collect.cache_buckets   # as the RL rollouts: few shapes to compile
+    c.eval.chunk_buckets = c.rl.collect.chunk_buckets
     return c

@@ -75,6 +75,9 @@ def il_config() -> mlc.ConfigDict:
     c.train.peak_flops = 0.0          # per-device peak for MFU (0: known accelerators only)
     c.train.tensorboard = True
     c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
+    c.train.head_chunk = 256          # vocabulary head + log-prob in chunks of this many positions (0: whole)
+    c.train.attention = "blockwise"   # train-step attention: default | dot_product | blockwise (no [T, T] scores)
+    c.train.remat = "none"            # per-layer recompute in the backward: none | dots | full
     c.loss = mlc.ConfigDict()
     c.loss.il_normalization = "tokens"  # tokens (original SFT: HF mean over label tokens) | positions
     c.optimizer = mlc.ConfigDict()
@@ -178,6 +181,9 @@ def rl_config() -> mlc.ConfigDict:
     c.train.progress = True
     c.train.tensorboard = True
     c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
+    c.train.head_chunk = 256          # vocabulary head + log-prob in chunks of this many positions (0: whole)
+    c.train.attention = "blockwise"   # train-step attention: default | dot_product | blockwise (no [T, T] scores)
+    c.train.remat = "none"            # per-layer recompute in the backward: none | dots | full
     c.train.peak_flops = 0.0
     c.loss = mlc.ConfigDict()
     c.loss.rl_variant = "detached_clip"  # detached_clip (original) | paper_clip | ppo_clip | rlmec_min

@@ -18,6 +18,7 @@ from typing import Any
 from retroact_jax import benchmarks, evaluation
 from retroact_jax.stages import StageError
 from retroact_jax.stages import methods as methods_lib
+from retroact_jax.stages.configs import as_list
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,10 @@ def _policy(source: str, lora: str, c: Any, cache: dict):
             from retroact_jax.models import lora as lora_lib
             lora_lib.load_lora(model, lora)
         pad = tok.pad_id if tok.pad_id is not None else 0
-        cache[(source, lora)] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids), tok)
+        kw = {name: tuple(int(x) for x in as_list(c.eval[k]))
+              for name, k in (("length_buckets", "cache_buckets"), ("chunk_buckets", "chunk_buckets"))}
+        cache[(source, lora)] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids,
+                                                  **{n: v for n, v in kw.items() if v}), tok)
     sampler, tok = cache[(source, lora)]
     return LMPolicy(sampler, tok, incremental=bool(c.model.incremental),
                     min_new_tokens=int(c.model.min_new_tokens))

@@ -99,6 +99,20 @@ def _finished(d: pathlib.Path, name: str, cfg: dict) -> bool:
     return (d / f"{name}_summary.json").exists() and f.exists() and json.loads(f.read_text()) == cfg
 
 
+def _measured(c: Any, name: str, fn, *args, **kw):
+    """``fn`` under ``metrics.StageMemory``: its peak RSS / time / compiles logged and added to
+    ``<run_dir>/stages.json`` as ``name``."""
+    from retroact_jax import metrics
+    with metrics.StageMemory(name) as mem:
+        out = fn(*args, **kw)
+    log.info("%s", mem.line())
+    path = pathlib.Path(c.run_dir) / "stages.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old[name] = mem.summary
+    path.write_text(json.dumps(old, indent=2) + "\n")
+    return out
+
+
 def run_training(c: Any, stage: str, m: methods_lib.Method) -> None:
     """The IL or RL stage of method ``m``, skipped when it already finished with this config."""
     from retroact_jax.stages import il, rl
@@ -109,7 +123,7 @@ def run_training(c: Any, stage: str, m: methods_lib.Method) -> None:
         log.info("%s: %s finished in %s, skipped", m.name, stage, d)
         return
     d.mkdir(parents=True, exist_ok=True)
-    summary = (il.run_il if stage == "il" else rl.run_rl)(sc, d)
+    summary = _measured(c, f"{d.relative_to(c.run_dir)}", il.run_il if stage == "il" else rl.run_rl, sc, d)
     (d / "stage_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     log.info("%s: %s", stage, json.dumps({k: summary.get(k) for k in ("steps", "iterations", "export")}))
 
@@ -130,7 +144,8 @@ def run_method(c: Any, m: methods_lib.Method) -> dict | None:
         if (d / "eval" / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c):
             log.info("%s: eval finished in %s, skipped", m.name, d / "eval")
         else:
-            evaluate.run_eval(c, m, d, il_dir(c, m), multi_agent=bool(c.multi_agent))
+            _measured(c, f"{m.run_name(bool(c.multi_agent))}/eval", evaluate.run_eval, c, m, d, il_dir(c, m),
+                      multi_agent=bool(c.multi_agent))
             f.write_text(json.dumps(eval_config(c), indent=2) + "\n")
     res = d / "eval" / "results.json"
     return json.loads(res.read_text()) if res.exists() else None

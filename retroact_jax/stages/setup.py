@@ -268,7 +268,7 @@ def start(t: Training, c: Any, workdir: pathlib.Path, stage: str, *, train_roles
     t.mesh = make_mesh(c.train.mesh)
     t.learner = train.Learner({r: t.models[r] for r in train_roles}, optimizer=dict(optimizer),
                               loss=loss, rows=dict(rows), mesh=t.mesh,
-                              max_update_ratio=float(c.train.max_update_ratio))
+                              max_update_ratio=float(c.train.max_update_ratio), **train.memory_kwargs(c.train))
     t.ckpts = TrainCheckpoints(workdir / "checkpoints", max_to_keep=int(c.train.keep_checkpoints))
     t.config = to_dict(c)
     try:
@@ -298,8 +298,8 @@ def write_summary(workdir: pathlib.Path, stage: str, summary: Mapping) -> dict:
 # ------------------------------------------------------------------------------------ eval, export
 @nnx.jit
 def _forward_logp(model, tokens_BxT, positions_BxT, valid_BxT):
-    logits, _ = model(tokens_BxT, positions_BxT, valid_BxT)
-    return losses.token_logprobs_and_entropy(logits, tokens_BxT)
+    h, _ = model.hidden(tokens_BxT, positions_BxT, valid_BxT)   # head in chunks: no [B, T, V] logits
+    return losses.head_logprobs_and_entropy(model.head, h[:, :-1], tokens_BxT)
 
 
 def eval_loss(learner: train.Learner, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
