@@ -63,7 +63,7 @@ def stats_ms(xs: list[float]) -> dict:
 def gold_actions(task) -> list[str]:
     """The gold script of ``task`` as env actions (the last one ends the episode)."""
     if task.env == "hotpotqa":
-        from retroact_jax.agent.gold import hotpot_titles
+        from retroact_jax.benchmarks.hotpotqa import titles as hotpot_titles
         return [f"Search[{t}]" for t in hotpot_titles(task)] + [f"Finish[{task.data['answer']}]"]
     if task.env in ("intercode_sql", "intercode_bash"):
         return [f"execute[{task.data['gold']}]", "submit"]

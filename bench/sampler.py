@@ -8,7 +8,7 @@ stop (no eos, no stop mask), greedy. Per batch size the two sides run interleave
 medians. Prefill is timed apart (ours: ``Sampler.start``; torch: one forward with
 ``use_cache=True``); decode ms/step = (ours) ``Sampler.generate`` wall time / 128 steps (each writes
 one token and computes the next logits), (torch) (``generate`` - prefill) / 127 forwards. Compile
-time = first call - steady call. Roofline fractions use BENCHMARKING.md's SmolLM2 fp32 rooflines of
+time = first call - steady call. Roofline fractions use docs/benchmarking.md's SmolLM2 fp32 rooflines of
 this 2-core CPU (batch 1: 135 tok/s, 8: 909, 32: 927). The CPU is shared: note ``loadavg``.
 
     python -m bench.sampler [--batches 1,8,32] [--reps 3] [--random] [--skip-episode] [--threads N]

@@ -25,7 +25,7 @@ Method
   ours, torch, ours, torch...; medians and min. ``compile_s`` = first step - median step.
   Load time (weights -> model -> optimizer state) is reported apart.
 - Roofline: 6*N FLOPs per token (N = all parameters incl. the tied embedding) at the FMA peak of
-  BENCHMARKING.md (550 GFLOP/s on 2 threads, 273 on 1); LoRA also against 4*N (no weight gradients).
+  docs/benchmarking.md (550 GFLOP/s on 2 threads, 273 on 1); LoRA also against 4*N (no weight gradients).
 - Memory (``--memory``, default on): each side and mode in its own child process, so one side's
   allocations cannot hide in the other's: RSS after importing its framework is the baseline, then
   the RSS delta after loading, the peak delta during the first step (compile for ours) and during
@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 
-FMA_PEAK = {1: 273e9, 2: 550e9}            # BENCHMARKING.md, fp32 FLOP/s on this CPU
+FMA_PEAK = {1: 273e9, 2: 550e9}            # docs/benchmarking.md, fp32 FLOP/s on this CPU
 LR, BETAS, EPS, WD, CLIP = 1e-5, (0.9, 0.999), 1e-8, 0.01, 1.0
 LORA = dict(rank=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
 

@@ -20,7 +20,7 @@ character it covers (a token straddling a boundary goes to the later span; such 
 ``TokenizedSample.n_boundary_tokens``); zero-width tokens (BOS added by a post-processor, trimmed
 whitespace) belong to the span at their start offset; empty spans own no tokens.
 
-**Boundary rule (PAPER.md §3.4 item 8).** The text trained is exactly ``"".join(span texts)``; the
+**Boundary rule (docs/paper.md §3.4 item 8).** The text trained is exactly ``"".join(span texts)``; the
 inference prompt of the same step must be the concatenation of the spans before the generated span.
 The released-data loaders (``released_data.py``) join ``input`` and ``output`` the way the agent's
 inference prompts do by default (``join="inference"``); ``join="original"`` keeps the original bytes.
@@ -41,7 +41,7 @@ from retroact_jax import losses
 SPAN_KINDS = ("prompt", "generated", "observation")
 KIND_PAD, KIND_PROMPT, KIND_GENERATED, KIND_OBSERVATION = -1, 0, 1, 2
 _KIND_ID = {"prompt": KIND_PROMPT, "generated": KIND_GENERATED, "observation": KIND_OBSERVATION}
-ROLES = {"planner": losses.ROLE_PLANNER, "reflector": losses.ROLE_REFLECTOR}
+ROLES = {r: i for i, r in enumerate(losses.ROLES)}      # role -> id (losses.ROLES)
 OBJECTIVES = {"il": losses.OBJECTIVE_IL, "rl": losses.OBJECTIVE_RL}
 OBSERVATION_MODES = ("trained", "masked")
 PADDINGS = ("right", "left")
@@ -205,7 +205,7 @@ def tokenize_sample(sample: Sample, tokenizer: Any, *, eos_id: int | None = None
 
 def trained_mask(kinds, observations: str = "trained"):
     """Which tokens are trained: generated, plus observation tokens when ``observations == "trained"``
-    (the original's IL and RL code trains the whole output, PAPER.md §2.2, §3.4 item 3)."""
+    (the original's IL and RL code trains the whole output, docs/paper.md §2.2, §3.4 item 3)."""
     if observations not in OBSERVATION_MODES:
         raise SampleError(f"unknown observations mode {observations!r}; valid: {', '.join(OBSERVATION_MODES)}")
     m = kinds == KIND_GENERATED

@@ -1,17 +1,18 @@
 """Evaluation of retrospective agents: IR / FR / AR per environment, tables, plots, trajectories.
 
-Metrics (PAPER.md §5): for every task and trial k = 1..K the task's score after trial k, where a
+Metrics (docs/paper.md §5): for every task and trial k = 1..K the task's score after trial k, where a
 task solved at trial j keeps trial j's score for every k > j (trials stop once solved):
 
   IR = mean over tasks of the trial-1 score, FR = trial K, AR = mean over k of the trial-k mean.
 
-Per env: HotpotQA ``f1`` (the env's score) and ``em`` (solved: F1 == 1, the original's is_correct);
+Per env (``benchmarks.get(env).metrics``): HotpotQA ``f1`` (the env's score) and ``em`` (solved);
 ALFWorld ``success_rate``; InterCode ``reward`` (InterCode IoU reward) and ``success_rate``
-(reward == 1). The Table 2 metric is the first of each (``PRIMARY``). Values are reported x100.
+(reward == 1). The Table 2 metric is the first of each. Values are reported x100.
 
 Outputs in the run dir: ``trajectories.jsonl`` (one line per finished trial: prompts as spans,
 completions, observations, rewards, reflection, behaviour log-probs), ``results.json``,
-``results.md`` (Table 2 layout), ``metrics.png`` (each metric against the trial number).
+``results.md`` (Table 2 layout), ``metrics.png`` (each metric against the trial number, one line
+per method when several methods share a table: ``write_table``).
 ``TrajectoryLog`` appends and fsyncs one line per trial; on restart it reads the finished trials
 back (dropping a torn last line) so the evaluation resumes where it stopped.
 """
@@ -22,12 +23,7 @@ import os
 import pathlib
 from typing import Iterable, Mapping, Sequence
 
-PRIMARY = {"hotpotqa": "f1", "alfworld": "success_rate", "intercode_sql": "reward",
-           "intercode_bash": "reward"}
-METRICS = {"hotpotqa": ("f1", "em"), "alfworld": ("success_rate",),
-           "intercode_sql": ("reward", "success_rate"), "intercode_bash": ("reward", "success_rate")}
-ENV_LABEL = {"hotpotqa": "HotpotQA", "alfworld": "ALFWorld", "intercode_sql": "InterCode-SQL",
-             "intercode_bash": "InterCode-Bash"}
+from retroact_jax import benchmarks
 
 
 class TrajectoryLog:
@@ -89,9 +85,10 @@ def summarize(env: str, records: Iterable[Mapping], trials: int) -> dict:
         raise ValueError(f"{env}: no trajectories to summarise")
     curves = [task_curves(v, trials) for _, v in sorted(by_task.items())]
     source = {"f1": "score", "reward": "score", "em": "success", "success_rate": "success"}
-    out = {"env": env, "num_tasks": len(curves), "trials": trials, "primary": PRIMARY[env],
+    bench = benchmarks.get(env)
+    out = {"env": env, "num_tasks": len(curves), "trials": trials, "primary": bench.primary,
            "metrics": {}}
-    for m in METRICS[env]:
+    for m in bench.metrics:
         per_trial = [100.0 * sum(c[source[m]][k] for c in curves) / len(curves) for k in range(trials)]
         out["metrics"][m] = {"IR": per_trial[0], "FR": per_trial[-1],
                              "AR": sum(per_trial) / trials, "per_trial": per_trial}
@@ -117,16 +114,16 @@ def table2(rows: Sequence[tuple[str, str, Mapping[str, dict]]]) -> str:
     Columns: per env (in the paper's order) IR / FR / AR of its primary metric, then Avg of all
     numbers in the row. Secondary metrics (HotpotQA EM, InterCode success rate) follow in a
     second table of the same layout."""
-    envs = [e for e in PRIMARY if any(e in s for _, _, s in rows)]
+    envs = [benchmarks.get(e) for e in benchmarks.NAMES if any(e in s for _, _, s in rows)]
     lines = []
-    for title, pick in (("primary", lambda e: PRIMARY[e]), ("secondary", None)):
+    for title, primary in (("primary", True), ("secondary", False)):
         cols = []
-        for e in envs:
-            ms = [PRIMARY[e]] if pick else [m for m in METRICS[e] if m != PRIMARY[e]]
-            cols += [(e, m) for m in ms]
+        for b in envs:
+            ms = b.metrics[:1] if primary else b.metrics[1:]
+            cols += [(b.name, m) for m in ms]
         if not cols:
             continue
-        head = ["Backbone", "Method"] + [f"{ENV_LABEL[e]} {m} {x}" for e, m in cols
+        head = ["Backbone", "Method"] + [f"{benchmarks.get(e).label} {m} {x}" for e, m in cols
                                          for x in ("IR", "FR", "AR")] + ["Avg"]
         lines += [f"**{title} metrics** (x100)", "", "| " + " | ".join(head) + " |",
                   "|" + "---|" * len(head)]
@@ -143,21 +140,27 @@ def table2(rows: Sequence[tuple[str, str, Mapping[str, dict]]]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: Mapping, path: str | os.PathLike) -> None:
-    """Each metric of one run against the trial number (PNG, matplotlib Agg)."""
+def plot(curves: Sequence[tuple[str, Mapping]], path: str | os.PathLike) -> None:
+    """Each metric against the trial number, one line per (label, summary) (PNG, matplotlib Agg).
+    All summaries are of one env."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ms = summary["metrics"]
+    env = curves[0][1]["env"]
+    ms = list(curves[0][1]["metrics"])
     fig, axes = plt.subplots(1, len(ms), figsize=(4.5 * len(ms), 3.5), squeeze=False)
-    for ax, (m, v) in zip(axes[0], ms.items()):
-        ks = list(range(1, len(v["per_trial"]) + 1))
-        ax.plot(ks, v["per_trial"], marker="o")
+    for ax, m in zip(axes[0], ms):
+        for label, summary in curves:
+            v = summary["metrics"][m]["per_trial"]
+            ks = list(range(1, len(v) + 1))
+            ax.plot(ks, v, marker="o", label=label)
+            ax.set_xticks(ks)
         ax.set_xlabel("trial")
         ax.set_ylabel(f"{m} (x100)")
-        ax.set_title(f"{ENV_LABEL.get(summary['env'], summary['env'])}: {m}")
-        ax.set_xticks(ks)
+        ax.set_title(f"{benchmarks.get(env).label}: {m}")
         ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -165,12 +168,26 @@ def plot(summary: Mapping, path: str | os.PathLike) -> None:
 
 def write_outputs(run_dir: str | os.PathLike, summary: Mapping, backbone: str, method: str,
                   extra: Mapping | None = None) -> None:
+    """One method's results: results.json, results.md, metrics.png."""
     d = pathlib.Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     res = {**summary, "backbone": backbone, "method": method, **(extra or {})}
     (d / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (d / "results.md").write_text(table2([(backbone, method, {summary["env"]: summary})]) + "\n")
-    plot(summary, d / "metrics.png")
+    plot([(method, summary)], d / "metrics.png")
+
+
+def write_table(out_dir: str | os.PathLike, results: Sequence[Mapping]) -> None:
+    """Several methods' ``results.json`` contents (one env) merged: results.json (a list of rows),
+    results.md (one Table 2), metrics.png (one line per method)."""
+    d = pathlib.Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    rows = [{k: r[k] for k in ("backbone", "method", "env", "num_tasks", "trials", "primary",
+                               "metrics")} for r in results]
+    (d / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (d / "results.md").write_text(table2([(r["backbone"], r["method"], {r["env"]: r})
+                                          for r in results]) + "\n")
+    plot([(r["method"], r) for r in results], d / "metrics.png")
 
 
 def compare_table(rows: Sequence[tuple[str, Mapping]]) -> str:

@@ -4,12 +4,12 @@ Everything works on right- or left-padded token tensors (see ``batching.Batch``)
 
 * ``token_logprobs`` / ``token_logprobs_and_entropy``: ``logp_BxT[:, t] = log p(tokens[:, t] | tokens[:, <t])``
   (0 at t = 0), computed in float32 from a log-softmax.
-* ``il_loss``: teacher-forced cross-entropy (PAPER.md §2.2).
-* ``pg_loss``: the off-policy clipped-ratio policy gradient (PAPER.md §3.1-3.2), four variants.
-* ``reflector_reward``: Eq. 6 or the original code's scaled improvement (PAPER.md §3.4 item 1).
+* ``il_loss``: teacher-forced cross-entropy (docs/paper.md §2.2).
+* ``pg_loss``: the off-policy clipped-ratio policy gradient (docs/paper.md §3.1-3.2), four variants.
+* ``reflector_reward``: Eq. 6 or the original code's scaled improvement (docs/paper.md §3.4 item 1).
 * ``joint_loss``: planner RL + reflector RL + λ·IL in one batch, with metrics.
 
-Default = the original code (``R:hotpotqa/rl/modeling_policy.py``, PAPER.md §3.2): a token-level ratio
+Default = the original code (``R:hotpotqa/rl/modeling_policy.py``, docs/paper.md §3.2): a token-level ratio
 ``rho_t = exp(logp_t - logp_beh_t)``, the *detached* clipped weight ``w_t = sg(clip(rho_t, 1-eps, 1+eps))``,
 ``loss = mean over all T-1 positions of -w_t * R_t * logp_t`` (masked positions add 0 but count).
 
@@ -36,7 +36,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-ROLE_PLANNER, ROLE_REFLECTOR = 0, 1
+ROLES = ("planner", "reflector")   # the one role encoding: a role's id in batches is its index
+ROLE_PLANNER, ROLE_REFLECTOR = ROLES.index("planner"), ROLES.index("reflector")
 OBJECTIVE_IL, OBJECTIVE_RL = 0, 1
 
 RL_VARIANTS = ("detached_clip", "paper_clip", "ppo_clip", "rlmec_min")
@@ -173,7 +174,7 @@ def il_loss(logp_BxT: jax.Array, mask_BxT: jax.Array, valid_BxT: jax.Array, rows
     """Teacher-forced NLL of the trained tokens (``mask_BxT``) of the rows ``rows_B`` (default: all).
 
     ``"tokens"``: the HF default of the original IL stage; ``"positions"``: the original RL stage's
-    regulariser (mean over all T-1 positions, PAPER.md §3.2).
+    regulariser (mean over all T-1 positions, docs/paper.md §3.2).
     """
     if rows_B is None:
         rows_B = jnp.ones(logp_BxT.shape[:1], bool)

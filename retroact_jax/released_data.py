@@ -6,17 +6,17 @@ Rows ``{instruction, input, output, type, [reward | last_reward, current_reward]
 * **ALFWorld planner** (``alfworld_il``): ``input`` ends with ``>``; ``output`` is lines
   ``action / observation / > action / observation ...``. At inference the agent queries
   ``history + ">"`` and the model generates `` go to fridge 1`` and the ``\\n`` that stops it
-  (PAPER.md §1.3), so the ``>`` is a step prefix and ``" go to fridge 1\\n"`` is generated; the observation
+  (docs/paper.md §1.3), so the ``>`` is a step prefix and ``" go to fridge 1\\n"`` is generated; the observation
   line (``OK.`` after every ``think:``, checked) is an observation.
 * **InterCode planner** (``intercode_*``): ``Thought n: ... / Action n: ... / Observation n: ...``. The agent
   queries ``history + "Thought n:"`` and the model generates the thought, ``Action n: ...`` and ``\\n``
-  (PAPER.md §1.4): ``Thought n:`` is a step prefix, ``Observation n: ...`` an observation.
+  (docs/paper.md §1.4): ``Thought n:`` is a step prefix, ``Observation n: ...`` an observation.
 * Step prefixes are observation spans by default (``step_prefix="observation"``: written by the agent loop,
   like the original inference); ``step_prefix="generated"`` trains them as model text (line-level split).
 * **Trailing** ``\\n\\nSTATUS: OK|FAIL`` (+ ``\\nREWARD: r`` in the RL file): written by the data pipeline,
   never generated at inference. ``status_tail="observation"`` (default) keeps it as an observation span,
   so the text is byte-identical to the original and it is trained exactly when observations are (the
-  original trains it, PAPER.md §3.4 item 3); ``"drop"`` removes it from the text. A ``REWARD:`` line must
+  original trains it, docs/paper.md §3.4 item 3); ``"drop"`` removes it from the text. A ``REWARD:`` line must
   equal the row's ``reward``.
 * **Reflector**: ``input`` (ending ``New plan:``) is the prompt; ``output`` is stripped (README: a leading
   space in most rows, not all) and ``reflection_prefix`` (default ``" "``) is put back in front of it as
@@ -31,7 +31,7 @@ Rows ``{instruction, input, output, type, [reward | last_reward, current_reward]
   inference prompt: InterCode planner rows get the ``\\n`` before ``Thought 1:`` (``...Question: X`` +
   ``\\nThought 1:``), ALFWorld planner rows the space the model writes after ``>`` (``\\n>`` +
   `` think: ...``, as every later action line). ``"original"`` = the original's ``input + output``
-  bytes, no separator (PAPER.md §3.4 item 8). Reflector rows are the same under both.
+  bytes, no separator (docs/paper.md §3.4 item 8). Reflector rows are the same under both.
 * ``ref_prob`` (RL rows, optional): the behaviour log-probs written by the original ``ref_prob.py``
   become ``Sample.behaviour_logp`` with ``behaviour_alignment="original"``: the original collator's
   ``ref_prob[:n_output_tokens]`` (an over-long list is cut and counted, ``batching.tokenize_sample``).

@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from retroact_jax import batching, losses, optim, sharding
 from retroact_jax.models.decoder import set_memory_options
 
-ROLES = ("planner", "reflector")
+ROLES = losses.ROLES
 # A step whose update norm exceeds this many times the role's parameter norm is divergence. Sane
 # runs stay far below: Adam moves each element by ~lr, so the ratio is ~lr * sqrt(N) / |p|: ~lr/0.03
 # for full fine-tuning (RMS weight ~0.03), lr * sqrt(6 d_in) for fresh LoRA adapters (A uniform

@@ -6,7 +6,8 @@ import pytest
 
 import envs
 from envs.hotpotqa.env import parse_action
-from retroact_jax import evaluation, sampling, stages
+from retroact_jax import evaluation, sampling, testing
+from retroact_jax.stages import setup
 from retroact_jax.agent import loop, rollout
 from retroact_jax.agent.lm_policy import LMPolicy
 from retroact_jax.agent.policy import ScriptedPolicy
@@ -33,7 +34,7 @@ def test_valid_action_rate_counts_parsed_actions(tmp_path):
 
 
 def test_valid_action_rate_of_a_tiny_random_model(tmp_path):
-    models, tok, _ = stages.load_models(stages.TINY_RANDOM, roles=("planner",), seed=3)
+    models, tok, _ = setup.load_models(testing.TINY_RANDOM, roles=("planner",), seed=3)
     sampler = sampling.Sampler(models["planner"], pad_id=tok.pad_id, eos_ids=tok.eos_ids)
     cfg = loop.AgentConfig(trials=1, batch_size=2, env_workers=1, max_steps=2, planner_max_tokens=8)
     s = rollout.evaluate("hotpotqa", "test", [0, 1], LMPolicy(sampler, tok), None, cfg, tmp_path,

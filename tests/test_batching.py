@@ -299,7 +299,7 @@ def test_released_files_counts(alfworld, intercode_rl):
         assert (len(loaded.samples), roles["planner"], roles["reflector"], loaded.n_skipped) == (n, n_pl, n_rf, 0)
     assert rd.load_retroact("intercode_il", empty_reflections="skip").n_skipped == 29
     rewards = collections.Counter(s.reward for s in intercode_rl.samples if s.role == "planner")
-    # (the upstream pack README said 2 are 0.0; the file has none: the smallest is 0.001, PAPER.md §3.3)
+    # (the upstream pack README said 2 are 0.0; the file has none: the smallest is 0.001, docs/paper.md §3.3)
     assert rewards[1.0] == 446 and sum(rewards.values()) == 551 and 0.001 < min(rewards) < 0.0011
     pairs = collections.Counter((s.last_reward, s.current_reward) for s in intercode_rl.samples if s.role == "reflector")
     assert pairs[(0.0, 1.0)] == 104 and pairs[(-0.47, 1.0)] == 1

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from retroact_jax import checkpoint as C
-from retroact_jax import stages
-from retroact_jax.rl import il_stage
+from retroact_jax.stages import il as il_stage
+from retroact_jax.stages import setup
 from tests.test_resume import overrides, write_data
 
 
@@ -187,7 +187,7 @@ def test_stage_reader_never_moves_or_cleans(finished_run, tmp_path):
     _flip(_largest(wd / "checkpoints" / str(total) / "state"))
     left = wd / "checkpoints" / f"{total + 4}{C._TMP_MARK}-1"
     left.mkdir()
-    ck = stages.TrainCheckpoints(wd / "checkpoints")
+    ck = setup.TrainCheckpoints(wd / "checkpoints")
     flat, meta = ck.read()
     ck.close()
     assert meta["step"] == total - 4 and left.exists() and (wd / "checkpoints" / str(total)).exists()

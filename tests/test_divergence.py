@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from retroact_jax import stages, train
+from retroact_jax import train
 from retroact_jax.models.lora import LoRAConfig, apply_lora
-from retroact_jax.rl import il_stage
+from retroact_jax.stages import il as il_stage, setup
 from tests.test_resume import overrides, write_data
 from tests.test_train import _batch, _model
 
@@ -60,7 +60,7 @@ def test_full_finetuning_stops_too():
 
 def test_a_checkpoint_is_never_written_from_an_unchecked_state(tmp_path):
     learner, b = _learner(True, 1e6, warmup=2)    # step 1: lr 0 (warmup), step 2: lr 5e5
-    ck = stages.TrainCheckpoints(tmp_path / "ck")
+    ck = setup.TrainCheckpoints(tmp_path / "ck")
     learner.step(b)
     assert ck.save(learner, {"stage": "t"}) == 1  # nobody fetched step 1's metrics: the save checks them
     learner.step(b)
@@ -81,7 +81,7 @@ def test_il_stage_with_lora_at_an_absurd_lr_stops_and_leaves_a_good_checkpoint(t
     wd = tmp_path / "run"
     with pytest.raises(train.TrainError, match="diverged at step 2: (planner|reflector)"):
         il_stage.run_il(c, wd)
-    ck = stages.TrainCheckpoints(wd / "checkpoints")
+    ck = setup.TrainCheckpoints(wd / "checkpoints")
     assert ck.ck.all_steps == [1] and ck.ck.check(1) is None
     params, meta = ck.read()
     ck.close()

@@ -125,8 +125,11 @@ def test_entry_point_rejects_unknown_keys_and_runs_scripted(tmp_path):
     bad = subprocess.run(base + ["--config.stages=eval,xyz"], capture_output=True, text=True)
     assert bad.returncode != 0 and "xyz" in bad.stderr
     ok = subprocess.run(base + ["--config.model.policy=scripted-gold", "--config.eval.num_tasks=2",
+                                "--config.stages=eval",
                                 "--config.eval.trials=2", f"--config.run_dir={tmp_path}",
                                 "--config.eval.progress=False"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "retroact" / "eval" / "results.json").read_text())
     assert res["metrics"]["f1"]["IR"] == pytest.approx(100.0) and res["num_tasks"] == 2
+    table = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in table] == ["RetroAct"] and table[0]["metrics"] == res["metrics"]

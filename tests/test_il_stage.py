@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from retroact_jax import metrics as M
-from retroact_jax import stages
-from retroact_jax.rl import expert, il_stage
+from retroact_jax import benchmarks, stages
+from retroact_jax.stages import expert, il as il_stage
 from tests.test_resume import overrides, write_data
 
 
@@ -115,7 +115,7 @@ def _check_expert(env, tmp_path, n, **kw):
     cfg = expert.ExpertConfig(num_tasks=0, reflect_fraction=1.0, batch_size=n, env_workers=2,
                               progress=False)
     import envs
-    probe = envs.make(env, expert.TRAIN_SPLITS[env])
+    probe = envs.make(env, benchmarks.get(env).train_split)
     idx = list(range(n))
     probe.close()
     pl, rf, counts = expert.expert_il_data(env, tmp_path, cfg, task_indices=idx, **kw)

@@ -173,7 +173,7 @@ def test_il_loss_value_and_gradient(norm):
 
 
 def test_il_positions_is_the_original_mean_over_all_shifted_positions():
-    """B=1, no padding: sum of masked NLL / (T-1), prompt positions counted (PAPER.md §3.2)."""
+    """B=1, no padding: sum of masked NLL / (T-1), prompt positions counted (docs/paper.md §3.2)."""
     d = make_inputs(4)
     v = losses.il_loss(jnp.asarray(d["logp"][:1], jnp.float32), jnp.asarray(d["mask"][:1]),
                        jnp.asarray(d["valid"][:1]), normalization="positions")
@@ -203,7 +203,7 @@ def test_pg_loss_value_and_gradient_match_numpy(variant, norm):
 
 
 def test_detached_clip_gradient_is_clipped_ratio_times_reward_times_grad_logp_over_n():
-    """The original code's gradient: -(1/(T-1)) sum_t clip(rho_t) R grad log pi(x_t) (PAPER.md §3.2)."""
+    """The original code's gradient: -(1/(T-1)) sum_t clip(rho_t) R grad log pi(x_t) (docs/paper.md §3.2)."""
     d = make_inputs(6)
     b = 0  # one full-length row, micro-batch 1 as in the original
     lg = jnp.asarray(d["logits"][b:b + 1], jnp.float32)
@@ -257,7 +257,7 @@ def test_reflector_reward(variant):
     np.testing.assert_allclose(losses.reflector_reward(last, cur, variant, alpha), expect)
     np.testing.assert_allclose(losses.reflector_reward(jnp.asarray(last), jnp.asarray(cur), variant), expect,
                                rtol=1e-6)
-    if variant == "delta_scaled":  # PAPER.md §3.3: 1.18*0.82, 1.25*0.75, 1.5*0.5, 0.53*1.47
+    if variant == "delta_scaled":  # docs/paper.md §3.3: 1.18*0.82, 1.25*0.75, 1.5*0.5, 0.53*1.47
         np.testing.assert_allclose(expect[1:5], [1.18 * 0.82, 1.25 * 0.75, 1.5 * 0.5, 0.53 * 1.47])
         np.testing.assert_allclose(losses.reflector_reward(0.5, 1.0, variant, alpha=2.0), 0.5 * 2.5 / 2)
 

@@ -165,13 +165,16 @@ def test_sampler_and_learner_share_the_placed_base_weights():
 
 
 def test_stage_config_options_reach_the_models():
-    from retroact_jax import stages
+    from retroact_jax import benchmarks
+    from retroact_jax.stages import methods, pipeline, setup
     from experiments.configs import paper_7b
-    models, _, _ = stages.load_models("tiny-random", memory={"attention": "blockwise", "remat": "full"})
+    models, _, _ = setup.load_models("tiny-random", memory={"attention": "blockwise", "remat": "full"})
     assert {(m.cfg.attention, m.cfg.remat) for m in models.values()} == {("blockwise", "full")}
     c = paper_7b.get_config("alfworld,/models/Llama-2-7b-chat-hf")
-    assert (c.model.planner, c.rl.model.param_dtype, c.rl.model.remat) == (
+    rl = pipeline.stage_config(c, "rl", methods.get(c.method))     # the RL stage's derived config
+    assert (rl.model.planner, rl.model.param_dtype, rl.model.remat) == (
         "/models/Llama-2-7b-chat-hf", "bfloat16", "full")
-    assert c.split == "valid_unseen" and c.rl.collect.trials == c.eval.trials == 10
+    assert (c.split or benchmarks.get(c.env).eval_split) == "valid_unseen"
+    assert c.rl.collect.trials == c.eval.trials == 10
     with pytest.raises(ValueError, match="env"):
         paper_7b.get_config("atari")

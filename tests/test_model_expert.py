@@ -1,4 +1,4 @@
-"""The few-shot LLM expert of HotpotQA (rl/model_expert.py): few-shot prompts at collection, the
+"""The few-shot LLM expert of HotpotQA (stages/model_expert.py): few-shot prompts at collection, the
 zero-shot text in the samples (equal to what the zero-shot agent loop builds: replayed through it),
 the EM filter, reflections from the same model, resume; the wiring of ``expert=`` in the IL stage."""
 import json
@@ -7,7 +7,7 @@ import envs
 import pytest
 from retroact_jax.agent import gold, loop, prompts, rollout
 from retroact_jax.agent.policy import ScriptedPolicy
-from retroact_jax.rl import expert, il_stage, model_expert
+from retroact_jax.stages import expert, il as il_stage, model_expert
 
 ENV = "hotpotqa"
 MINI = model_expert.ModelExpertConfig(planner_examples=1, reflector_examples=1, max_new_tokens=12)

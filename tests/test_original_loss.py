@@ -1,6 +1,6 @@
 """The project's losses against a numpy re-derivation of the original RetroAct training code.
 
-The reference below is written from the original's semantics as PAPER.md §2.2 / §3.2 describe them
+The reference below is written from the original's semantics as docs/paper.md §2.2 / §3.2 describe them
 (its SFT collator + HF causal-LM loss; its RL collator + ``LlamaForPolicyLM.forward``), for
 micro-batch 1 (the only setting that code supports), one row at a time:
 
@@ -278,10 +278,7 @@ def test_short_ref_prob_fails_as_in_the_original():
 
 # ------------------------------------------------------------------------------ the IL stage
 def _il_stage_loss_config():
-    try:
-        from retroact_jax.stages import il as il_stage          # after the stages/ package move
-    except ImportError:
-        from retroact_jax.rl import il_stage
+    from retroact_jax.stages import il as il_stage
     return losses.LossConfig.from_mapping(dict(il_stage.default_config().loss.to_dict()))
 
 

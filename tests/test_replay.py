@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from retroact_jax.batching import Sample
-from retroact_jax.rl import replay
+from retroact_jax.stages import replay
 
 
 def _pl(reward, out="Thought 1: x\nAction 1: Finish[y]", n_beh=3, task=0, trial=1):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from retroact_jax import batching
-from retroact_jax.rl import il_stage
-from retroact_jax.rl import samples as S
+from retroact_jax.stages import il as il_stage
+from retroact_jax.stages import samples as S
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def overrides(data: pathlib.Path, **extra) -> dict:
 
 
 def _cmd(workdir, over_file):
-    return [sys.executable, "-m", "retroact_jax.rl.il_stage", str(workdir), str(over_file)]
+    return [sys.executable, "-m", "retroact_jax.stages.il", str(workdir), str(over_file)]
 
 
 def _env():

@@ -15,7 +15,7 @@ from retroact_jax.agent import loop
 from retroact_jax.agent.lm_policy import LMPolicy
 from retroact_jax.models.config import tiny
 from retroact_jax.models.decoder import Decoder
-from retroact_jax.rl import collect, rl_stage, samples as samples_lib
+from retroact_jax.stages import collect, rl as rl_stage, samples as samples_lib, setup
 from retroact_jax.sampling import Sampler
 
 ALPHABET = "\n" + "".join(chr(i) for i in range(32, 127))
@@ -130,6 +130,8 @@ def _config(tmp: pathlib.Path, iterations: int):
     c.replay.max_tokens = 0
     c.il_data.files = str(tmp / "il.jsonl")
     c.train.iterations = iterations
+    c.train.epochs = 1                     # the "iterated" schedule, constant lr
+    c.optimizer.schedule = "constant"
     c.train.buckets = "1024,2048"
     c.train.checkpoint_every = 2
     c.train.progress = False
@@ -145,7 +147,7 @@ def _config(tmp: pathlib.Path, iterations: int):
 
 @pytest.fixture()
 def tiny_models(monkeypatch, tmp_path):
-    monkeypatch.setattr(stages, "_load_one", lambda source, dtype, seed: (_model(seed), CharTok(),
+    monkeypatch.setattr(setup, "load_one", lambda source, dtype, seed: (_model(seed), CharTok(),
                                                                           tiny(vocab_size=TOK.vocab_size)))
     il = [batching.Sample("planner", (("prompt", "Question: q"), ("generated", "\nThought 1: x\nAction 1: Finish[y]\n"))),
           batching.Sample("reflector", (("prompt", "Previous trial: q\nReflection:"), ("generated", " Search first.\n")))]
@@ -207,3 +209,18 @@ def test_config_errors_name_the_key(tiny_models):
     with pytest.raises(stages.StageError, match="il_rows_planner"):
         rl_stage.run_rl(c, tiny_models / "y")
     assert losses.LossConfig().epsilon == 0.3
+
+
+@pytest.mark.slow
+def test_original_schedule_decays_linearly_over_the_run(tiny_models):
+    c = _config(tiny_models, 1)                # one collection round ...
+    c.train.epochs = 2                         # ... several epochs over it, lr decayed to 0 (original)
+    c.optimizer.schedule = "linear"
+    c.eval.every = 0
+    c.train.log_every = 1
+    s = rl_stage.run_rl(c, tiny_models / "lin")
+    total = json.loads((tiny_models / "lin" / "schedule.json").read_text())["total_steps"]
+    assert total == s["steps"] == 2 * 4
+    lrs = [r["lr_planner"] for r in metrics.read_jsonl(tiny_models / "lin" / "metrics.jsonl")
+           if r["split"] == "train"]
+    assert len(lrs) == 8 and lrs[0] == pytest.approx(1e-3) and lrs[-1] < 2e-4 and lrs == sorted(lrs, reverse=True)

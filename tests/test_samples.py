@@ -5,7 +5,7 @@ import json
 import pytest
 
 from retroact_jax import batching
-from retroact_jax.rl import samples as S
+from retroact_jax.stages import samples as S
 
 
 def _rec(task, trial, score, success, reflection=None, env="hotpotqa"):

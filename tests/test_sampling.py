@@ -145,7 +145,7 @@ def test_stop_sequences_end_rows_after_a_multi_token_match(model):
 
 def test_stop_token_sequences_from_tokenizers():
     from retroact_jax.models import embedded
-    from retroact_jax.stages import ByteTokenizer
+    from retroact_jax.testing import ByteTokenizer
     tok = ByteTokenizer()
     seqs = sampling.stop_token_sequences(tok.encode, tok.decode, ["Obs"])
     assert seqs == [tuple(tok.encode("Obs"))]       # bytes: every context drops to the same ids

@@ -1,7 +1,7 @@
 """The original ALFWorld agent's handling of a model output, as pure functions.
 
 RetroAct's ALFWorld loop (``alfworld/agent/alfworld_trial.py``, adapted from Reflexion /
-ReAct; PAPER.md §1.3) does, per step, on the stripped model output:
+ReAct; docs/paper.md §1.3) does, per step, on the stripped model output:
 
 1. ``format_action``: the lower-cased words are scanned for *entities*, a word made of digits at
    position >= 2 together with the word before it ("desk 1"). The first rule below whose verb is

@@ -1,6 +1,6 @@
-"""alfworld evaluation (PAPER.md §5.4): `python -m experiments.run --config=experiments/configs/alfworld.py`."""
+"""alfworld, every method of the paper (docs/methods.md): `python -m experiments.run --config=experiments/configs/alfworld.py --config.method=retroact`."""
 from experiments.configs.common import base
 
 
 def get_config():
-    return base("alfworld", "valid_unseen", num_tasks=134, env_backend="processes")
+    return base("alfworld")

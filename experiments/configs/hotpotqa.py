@@ -1,6 +1,6 @@
-"""hotpotqa evaluation (PAPER.md §5.4): `python -m experiments.run --config=experiments/configs/hotpotqa.py`."""
+"""hotpotqa, every method of the paper (docs/methods.md): `python -m experiments.run --config=experiments/configs/hotpotqa.py --config.method=retroact`."""
 from experiments.configs.common import base
 
 
 def get_config():
-    return base("hotpotqa", "test", num_tasks=100, env_backend="threads")
+    return base("hotpotqa")

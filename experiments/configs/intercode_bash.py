@@ -1,6 +1,6 @@
-"""intercode_bash evaluation (PAPER.md §5.4): `python -m experiments.run --config=experiments/configs/intercode_bash.py`."""
+"""intercode_bash, every method of the paper (docs/methods.md): `python -m experiments.run --config=experiments/configs/intercode_bash.py --config.method=retroact`."""
 from experiments.configs.common import base
 
 
 def get_config():
-    return base("intercode_bash", "test", num_tasks=200, env_backend="threads")
+    return base("intercode_bash")

@@ -1,6 +1,6 @@
-"""intercode_sql evaluation (PAPER.md §5.4): `python -m experiments.run --config=experiments/configs/intercode_sql.py`."""
+"""intercode_sql, every method of the paper (docs/methods.md): `python -m experiments.run --config=experiments/configs/intercode_sql.py --config.method=retroact`."""
 from experiments.configs.common import base
 
 
 def get_config():
-    return base("intercode_sql", "test", num_tasks=100, env_backend="threads")
+    return base("intercode_sql")

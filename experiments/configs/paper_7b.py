@@ -1,4 +1,4 @@
-"""The paper's Llama-2-7B setting on accelerators (PAPER.md §4): IL, then one RL round, then evaluation.
+"""The paper's Llama-2-7B setting on accelerators (docs/paper.md §4): IL, then one RL round, then evaluation.
 
     python -m experiments.run --config=experiments/configs/paper_7b.py:alfworld,/models/Llama-2-7b-chat-hf
 
@@ -10,9 +10,8 @@ Paper / original code: LoRA r 8, alpha 16, dropout 0.05 on q_proj, v_proj (the s
 batch 1 (one RL row + one IL row per role and step), rows cut at 2048 tokens, AdamW lr 1e-4, warmup
 100; IL 5 epochs with linear decay; RL: eps 0.3, lambda 1, alpha 1, exploration temperature 1, one
 collection round trained for 3 epochs; K = 10 trials, greedy at test time.
-The original RL decays the rate linearly over its 3 epochs; the RL stage needs the horizon in advance,
-so this config keeps it constant after warmup: pass ``--config.rl.optimizer.schedule=linear
---config.rl.optimizer.total_steps=<3 x buffer rows>`` to decay as the original.
+The RL rate decays linearly over its 3 epochs as the original (the RL stage's default schedule: its
+horizon is set once the round is collected).
 
 Accelerator options: bfloat16 base weights and compute (float32 softmax / RMSNorm / logits / loss,
 float32 LoRA + AdamW state), cuDNN flash attention (``dot_product``; on TPU use
@@ -32,7 +31,7 @@ def get_config(arg: str = "hotpotqa"):
     if env not in ENVS:
         raise ValueError(f"paper_7b.py:<env>[,<model dir>]: env {env!r} is not one of {ENVS}")
     c = importlib.import_module(f"experiments.configs.{env}").get_config()
-    c.stages = "il,rl,eval"
+    c.method = "retroact"
     c.run_dir = f"runs/paper_7b/{env}"
     c.backbone = "Llama-2-7b-chat"
     c.model.planner = model_dir or "Llama-2-7b-chat-hf"   # a local HF directory (config.json + safetensors)
@@ -42,7 +41,6 @@ def get_config(arg: str = "hotpotqa"):
     c.eval.batch_size = 32               # tasks in flight in the sampler
     c.eval.env_workers = 16
     for stage in (c.il, c.rl):
-        stage.model.param_dtype = "bfloat16"
         stage.model.attention = "dot_product"
         stage.model.remat = "full"
         stage.model.lora, stage.model.lora_rank, stage.model.lora_alpha = True, 8, 16.0

@@ -14,9 +14,10 @@ from experiments.configs.common import base
 
 
 def get_config():
-    c = base("hotpotqa", "test", num_tasks=3)
-    c.stages = "il,rl,eval"
+    c = base("hotpotqa")
+    c.method = "retroact"
     c.run_dir = "runs/quickstart"
+    c.eval.num_tasks = 3
     # --- IL: 16 expert tasks (30% with a failed first trial + reflection), 4 LoRA steps per role,
     # rows cut at 512 tokens (the original truncates at 2048)
     c.il.data.expert_tasks = 16
@@ -32,6 +33,8 @@ def get_config():
     c.il.optimizer.warmup_steps = 1
     # --- RL: one iteration: 2 train questions x 2 trials at temperature 1, one pass over the buffer
     c.rl.train.iterations = 1
+    c.rl.train.epochs = 1
+    c.rl.optimizer.schedule = "constant"
     c.rl.collect.tasks_per_iteration = 2
     c.rl.collect.trials = 2
     c.rl.collect.batch_size = 2

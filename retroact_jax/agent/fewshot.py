@@ -1,6 +1,6 @@
 """Few-shot exemplars for the expert and the prompting baselines (ReAct, Reflexion).
 
-The original's exemplar files are not released (PAPER.md §7), so exemplars are written here from
+The original's exemplar files are not released (docs/paper.md §7), so exemplars are written here from
 the packs' gold data of the *training* splits (never the evaluated tasks): the gold scripts of
 gold.py are played through the real environment and the trial loop, and the resulting trajectories
 are rendered in exactly the inference format (so an exemplar reads like the trajectory the model is
@@ -16,27 +16,26 @@ from __future__ import annotations
 import functools
 
 import envs
+from retroact_jax import benchmarks
 from retroact_jax.agent import gold, loop, protocols, slots
-from retroact_jax.agent.spans import render
-
-EXAMPLE_SPLIT = {"hotpotqa": "train", "intercode_sql": "train", "alfworld": "valid_train"}
 
 
 def _split(env: str) -> str:
-    if env not in EXAMPLE_SPLIT:
+    split = benchmarks.get(env).example_split
+    if not split:
         raise ValueError(f"{env}: no training split to draw few-shot exemplars from; use "
-                         f"method=retroact (zero-shot) for this env")
-    return EXAMPLE_SPLIT[env]
+                         f"a fine-tuned method (zero-shot) for this env")
+    return split
 
 
 def _pick(env: str, n: int):
-    """``n`` training tasks (ALFWorld: ``n`` per task type), first in split order."""
+    """``n`` training tasks (per task type where the benchmark groups them), first in split order."""
     e = envs.make(env, _split(env))
     try:
         ts = list(e.tasks)
     finally:
         e.close()
-    if env != "alfworld":
+    if not benchmarks.get(env).examples_per_type:
         return {None: ts[:n]}
     by_type: dict = {}
     for t in ts:
@@ -50,10 +49,14 @@ def example_task_indices(env: str, n: int) -> set[int]:
     return {t.index for ts in _pick(env, n).values() for t in ts}
 
 
+def example_task_indices(env: str, n: int) -> set[int]:
+    """Indices (in the exemplar split) of the tasks that ``n`` exemplars are drawn from."""
+    return {t.index for ts in _pick(env, n).values() for t in ts}
+
+
 def _run(env: str, tasks, fail: bool) -> list[dict]:
     p = protocols.protocol_for(env)
-    by_index = {t.index: t for t in tasks}
-    pol = gold.gold_policy(by_index, fail_trials=1 if fail else 0)
+    pol = gold.gold_policy({t.index: t for t in tasks}, fail_trials=1 if fail else 0)
     runner = loop.TrialRunner(
         p, lambda n: slots.ThreadSlots(lambda: envs.make(env, _split(env), max_steps=p.max_steps), n, 1),
         pol, pol if fail else None, loop.AgentConfig(trials=2 if fail else 1, batch_size=len(tasks)))
@@ -64,16 +67,12 @@ def _run(env: str, tasks, fail: bool) -> list[dict]:
 
 def _planner_text(env: str, rec: dict) -> str:
     spans = rec["planner"]["spans"]
-    head = spans[0]["text"]
-    rest = "".join(s["text"] for s in spans[1:])
-    if env == "alfworld":
-        return head.split("Here is the task:\n", 1)[1] + rest
-    return "Question: " + head.rsplit("Question: ", 1)[1] + rest
+    return benchmarks.get(env).example_text(spans[0]["text"], "".join(s["text"] for s in spans[1:]))
 
 
 @functools.lru_cache(maxsize=None)
 def planner_examples(env: str, n: int = 2):
-    """Solved gold trajectories: a string (HotpotQA / InterCode) or {task_type: [str]} (ALFWorld)."""
+    """Solved gold trajectories: a string, or {task_type: [str]} where exemplars go by task type."""
     groups = _pick(env, n)
     out = {}
     for key, tasks in groups.items():
@@ -82,7 +81,7 @@ def planner_examples(env: str, n: int = 2):
         if bad:
             raise RuntimeError(f"{env}: the gold script did not solve training tasks {bad}")
         out[key] = [_planner_text(env, r) for r in recs]
-    if env == "alfworld":
+    if benchmarks.get(env).examples_per_type:
         return out
     return "\n".join(out[None]) + "\n"
 
@@ -90,7 +89,8 @@ def planner_examples(env: str, n: int = 2):
 @functools.lru_cache(maxsize=None)
 def reflector_examples(env: str, n: int = 2) -> str:
     """Failed trajectories with their reflection, as the reflector prompt shows them."""
-    groups = _pick(env, 1 if env == "alfworld" else n)
+    bench = benchmarks.get(env)
+    groups = _pick(env, 1 if bench.examples_per_type else n)
     tasks = [t for ts in groups.values() for t in ts][:n]
     recs = sorted(_run(env, tasks, fail=True), key=lambda r: r["task_index"])
     p = protocols.protocol_for(env)
@@ -99,7 +99,6 @@ def reflector_examples(env: str, n: int = 2) -> str:
         if r["reflection"] is None:
             raise RuntimeError(f"{env}: the scripted failure of {r['task_id']} was not reflected on")
         prompt, gen = (s["text"] for s in r["reflection"]["spans"])
-        instr = (protocols.prompts.HOTPOT_REFLECT_INSTRUCTION if env == "hotpotqa"
-                 else protocols.prompts.reflexion_instruction(p.task_kind))
+        instr = bench.reflect_instruction(p)
         texts.append(prompt[len(instr):].lstrip("\n") + gen.rstrip("\n"))
     return "\n\n".join(texts) + "\n"

@@ -34,7 +34,7 @@ from retroact_jax.agent.spans import Span, append_observation, render, spans_to_
 class AgentConfig:
     trials: int = 10                 # K
     batch_size: int = 8              # tasks in flight
-    temperature: float = 0.0         # test time: greedy (PAPER.md §1.1)
+    temperature: float = 0.0         # test time: greedy (docs/paper.md §1.1)
     reflector_temperature: float = 0.0
     seed: int = 0
     env_workers: int = 8             # threads stepping envs

@@ -1,7 +1,7 @@
 """Prompt texts per environment and role, and the functions that fill them.
 
 Zero-shot formats (the fine-tuned planner / reflector) follow the released imitation data
-(``data/retroact/*.json``, PAPER.md §2.3) character for character where the data shows them:
+(``data/retroact/*.json``, docs/paper.md §2.3) character for character where the data shows them:
 
 ALFWorld planner   ``Interact with a household to solve a task.\\n`` [memory] ``Here is the task:\\n{ob}``
                    then ``\\n>`` before every action, ``> action`` / observation lines.
@@ -12,7 +12,7 @@ memory             ``Your memory for the task below:\\nTrial 0:\\n{m}\\nTrial 1:
 reflector          the Reflexion instruction ``... Give your plan after "Plan".`` immediately
                    followed (no separator, as in the IL files) by the trial log, ``\\n\\nSTATUS: FAIL``,
                    ``\\n\\nPlans from past attempts:\\nTrial #i: {m}\\n`` (last 3) and ``\\n\\nNew plan:``.
-HotpotQA           no released IL file: RetroAct's ``prompts_zs.py`` texts (PAPER.md §1.2) without
+HotpotQA           no released IL file: RetroAct's ``prompts_zs.py`` texts (docs/paper.md §1.2) without
                    the 4-space indentation and blank lines of its f-strings:
                    ``{instruction}\\n`` [``{REFLECTION_HEADER}Reflections:\\n- r1\\n- r2\\n``]
                    ``Question: {q}`` then ``\\nThought n:`` / ``\\nAction n:`` / ``\\nObservation n: ``.

@@ -2,7 +2,7 @@
 how the completion becomes an action, how observations and reflector inputs are rendered.
 
 One protocol object per benchmark, stateless; the per-episode state (step number, phase, retry
-count) lives on the ``Episode`` (loop.py). The original's rules (PAPER.md §1.2-1.4):
+count) lives on the ``Episode`` (loop.py). The original's rules (docs/paper.md §1.2-1.4):
 
 HotpotQA   two calls per step (the original ``ReactAgent.step``): cue ``\\nThought n:`` stop ``\\n``,
            then cue ``\\nAction n:`` stop ``\\n``; the action is the completion stripped with its
@@ -153,7 +153,7 @@ class ALFWorldProtocol(Protocol):
 
 class InterCodeProtocol(Protocol):
     """``end_on_repeat`` is off: the original's check compares history entries
-    ``"Action {n}: {action}"`` that include the step number, so it never fires (PAPER.md §1.4 reads
+    ``"Action {n}: {action}"`` that include the step number, so it never fires (docs/paper.md §1.4 reads
     the rule, the code never applies it). Set it to apply the rule as described."""
     max_steps = 10
     task_kind = "programming task"

@@ -14,7 +14,7 @@ Because the agent builds the next prompt by *appending* spans, the text a model 
 ``render(spans[:i])`` for the span ``i`` it generated; the training sample is ``render(spans)``
 with the same boundaries. Tokens: the whole text is tokenised at once, on both sides (the
 tokenizer's ``encode_pieces`` for training, batching.py; ``encode(render(spans))`` in the LM policy,
-which keeps its KV cache equal to that tokenisation by rolling back to the longest common prefix). No formatting function exists anywhere else (PAPER.md §3.4 item 8: the
+which keeps its KV cache equal to that tokenisation by rolling back to the longest common prefix). No formatting function exists anywhere else (docs/paper.md §3.4 item 8: the
 original trained on text that differed from its inference prompts; this design rules that out).
 
 ``join_cue(prev, cue)`` appends a canonical cue (``"\\nAction 1:"``) after a generated text that

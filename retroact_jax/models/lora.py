@@ -6,7 +6,7 @@
     grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, batch)
     merge_lora(model); write_hf_dir(out, cfg, to_hf_state_dict(model))  # plain HF export
 
-Defaults are RetroAct's (PEFT, r = 8, alpha = 16, dropout 0.05, q_proj and v_proj; PAPER.md).
+Defaults are RetroAct's (PEFT, r = 8, alpha = 16, dropout 0.05, q_proj and v_proj; docs/paper.md).
 ``y = x W (+ b) + dropout(x) A B * alpha / rank``. ``A`` ([in, r]) starts uniform in
 +-1/sqrt(in) (PEFT's kaiming_uniform(a=sqrt 5)) and ``B`` ([r, out]) at zero, so a fresh adapter is
 the identity. Both are ``nnx.LoRAParam`` (a subclass of ``nnx.Param``: filter with ``nnx.LoRAParam``

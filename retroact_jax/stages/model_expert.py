@@ -1,4 +1,4 @@
-"""The HotpotQA LLM expert (PAPER.md §2.1): a language model prompted few-shot rolls out the TRAIN
+"""The HotpotQA LLM expert (docs/paper.md §2.1): a language model prompted few-shot rolls out the TRAIN
 questions over several trials, writing its own reflections; the successful trials and the
 reflections that preceded them, rendered in the zero-shot format, are the imitation data.
 
@@ -41,12 +41,13 @@ import re
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
+from retroact_jax import benchmarks
 from retroact_jax.agent import prompts, protocols
-from retroact_jax.rl import expert as expert_lib
-from retroact_jax.rl.expert import ExpertError
+from retroact_jax.stages import expert as expert_lib
+from retroact_jax.stages.expert import ExpertError
 
 ENVS = ("hotpotqa",)
-DEFAULT_TRIALS = 10      # the agent's K (PAPER.md §1.1): trials stop at the first success
+DEFAULT_TRIALS = 10      # the agent's K (docs/paper.md §1.1): trials stop at the first success
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +76,10 @@ def check(env_name: str, source: str, mcfg: ModelExpertConfig) -> None:
 
 def build_policies(source: str, param_dtype: str = "float32"):
     """(planner, reflector): two ``LMPolicy``s over ONE sampler of the source's model."""
-    from retroact_jax import sampling, stages
+    from retroact_jax import sampling
     from retroact_jax.agent.lm_policy import LMPolicy
-    models, tok, _ = stages.load_models(source, roles=("planner",), param_dtype=param_dtype)
+    from retroact_jax.stages import setup
+    models, tok, _ = setup.load_models(source, roles=("planner",), param_dtype=param_dtype)
     sampler = sampling.Sampler(models["planner"], pad_id=tok.pad_id if tok.pad_id is not None else 0,
                                eos_ids=tok.eos_ids)
     return LMPolicy(sampler, tok), LMPolicy(sampler, tok)
@@ -115,7 +117,7 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: expert_lib.ExpertCo
     from retroact_jax import evaluation
     from retroact_jax.agent import loop, rollout
     check(env_name, cfg.expert, mcfg)
-    split = split or expert_lib.TRAIN_SPLITS[env_name]
+    split = split or benchmarks.get(env_name).train_split
     trials = int(cfg.trials) or DEFAULT_TRIALS
     if trials < 1:
         raise ExpertError(f"expert trials must be >= 1 (0: the default {DEFAULT_TRIALS}), got {cfg.trials}")

@@ -9,7 +9,7 @@ current policies on train tasks -> RL samples -> behaviour log-probs by a scorin
   collection resumes from that file and never re-plays a finished trial.
 * ``rl_samples``: trial records -> planner / reflector samples (``rl.samples``; planner R = the trial's
   score, reflector (last, current) = scores of trials k and k+1).
-* ``score_behaviour``: the behaviour log-probs of DESIGN.md, RetroAct's ``ref_prob.py``: the
+* ``score_behaviour``: the behaviour log-probs of docs/design.md, RetroAct's ``ref_prob.py``: the
   parameters that collected the data score, at temperature 1, exactly the token sequence training
   will use (``batching.tokenize_sample`` of the sample, EOS appended as the original); one value per
   non-prompt token. The sampler's own log-probs of the generated spans are compared with them as a
@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from retroact_jax import batching
-from retroact_jax.rl import samples as samples_lib
+from retroact_jax.stages import samples as samples_lib
 
 
 class CollectError(RuntimeError):
@@ -74,7 +74,7 @@ def rl_samples(records: Sequence[Mapping[str, Any]], roles: Sequence[str]) -> li
 
 
 def ei_samples(records: Sequence[Mapping[str, Any]], roles: Sequence[str]) -> list[batching.Sample]:
-    """Expert iteration (PAPER.md §3.1 baselines): successful trials and the reflections that
+    """Expert iteration (docs/paper.md §3.1 baselines): successful trials and the reflections that
     preceded them, as imitation samples."""
     out: list[batching.Sample] = []
     if "planner" in roles:
@@ -99,16 +99,27 @@ def tokenize(samples: Sequence[batching.Sample], tokenizer, eos_id: int | None):
     return [batching.tokenize_sample(s, tokenizer, eos_id=eos_id) for s in samples]
 
 
+def with_behaviour(ts: batching.TokenizedSample, scored: batching.Sample) -> batching.TokenizedSample:
+    """``ts`` (the tokenisation that was scored) carrying ``scored``'s behaviour log-probs, one per
+    non-prompt token: the training row without tokenising the sample again."""
+    nonprompt = ts.kinds != batching.KIND_PROMPT
+    beh = np.zeros(len(ts), np.float32)
+    beh[nonprompt] = np.asarray(scored.behaviour_logp, np.float32)
+    return dataclasses.replace(ts, sample=scored, behaviour_logp=beh, behaviour_mask=nonprompt)
+
+
 def score_behaviour(samples: Sequence[batching.Sample], scorers: Mapping[str, Any], tokenizer, *,
                     eos_id: int | None, records: Sequence[Mapping[str, Any]] = (),
-                    batch_rows: int = 8) -> tuple[list[batching.Sample], list[int], dict[str, float]]:
+                    batch_rows: int = 8, tokenized: Sequence[batching.TokenizedSample] | None = None,
+                    ) -> tuple[list[batching.Sample], list[int], dict[str, float]]:
     """Behaviour log-probs for ``samples`` (``scorers[role]``: a ``scoring.Scorer`` holding the
     parameters that collected them). Returns (samples with ``behaviour_logp``, token counts, health).
 
     ``records``: the trial records the samples came from, for the sampler-vs-scorer comparison.
+    ``tokenized``: the samples' tokenisation when the caller has it (a sample is tokenised once).
     """
     spans_of = _record_spans(records)
-    tss = tokenize(samples, tokenizer, eos_id)
+    tss = list(tokenized) if tokenized is not None else tokenize(samples, tokenizer, eos_id)
     order = sorted(range(len(tss)), key=lambda i: len(tss[i]))
     out: list[batching.Sample | None] = [None] * len(samples)
     gaps: list[np.ndarray] = []

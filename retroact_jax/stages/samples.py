@@ -8,19 +8,19 @@ including its stop string). Those spans are the training samples as they are: th
 the text of inference, with the same boundaries (agent/spans.py).
 
 * ``planner_samples``: one sample per trial record; an RL sample carries ``reward = score`` (R_tau,
-  PAPER.md Eq. 5: HotpotQA F1, ALFWorld success, InterCode IoU reward).
+  docs/paper.md Eq. 5: HotpotQA F1, ALFWorld success, InterCode IoU reward).
 * ``reflector_samples``: one sample per reflection *that preceded a next trial* of the same task:
   the reflection written after trial k is rewarded by what trial k+1 achieved:
-  ``last_reward = score(k)``, ``current_reward = score(k+1)`` (PAPER.md Eq. 6 and §3.2). A reflection
+  ``last_reward = score(k)``, ``current_reward = score(k+1)`` (docs/paper.md Eq. 6 and §3.2). A reflection
   after the task's last recorded trial has no next trial and gives no sample.
 * ``keep`` selects records (planner) or (trial k, trial k+1) pairs (reflector); the IL stage keeps
-  successful trials and the reflections that preceded them (PAPER.md §2.1: ``il_keep_planner``,
+  successful trials and the reflections that preceded them (docs/paper.md §2.1: ``il_keep_planner``,
   ``il_keep_reflector``); the original RL pipeline drops zero-reward planner trials and reflector
   pairs with equal rewards (``rl_keep_planner``, ``rl_keep_reflector``).
 
 Behaviour log-probs are not taken from the records: the sampler's log-probs are under the sampling
 temperature, while the ratio needs the behaviour policy at temperature 1 over exactly the trained
-tokens (the scoring pass, DESIGN.md); the RL stage fills them. ``metadata`` names the record
+tokens (the scoring pass, docs/design.md); the RL stage fills them. ``metadata`` names the record
 (env, split, task index and id, trial) for error messages and for the scoring pass.
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def reflector_samples(records: Iterable[Mapping[str, Any]], objective: str = "il
     """One reflector sample per reflection followed by a next trial (and kept by ``keep(k, k+1)``).
 
     ``skip_empty``: leave out reflections whose generated text is empty or only its stop string
-    (the original kept such rows in its IL data, PAPER.md §2.3; they teach the reflector to stop).
+    (the original kept such rows in its IL data, docs/paper.md §2.3; they teach the reflector to stop).
     """
     out = []
     for prev, nxt in reflection_pairs(records):
@@ -149,7 +149,7 @@ def reflector_samples(records: Iterable[Mapping[str, Any]], objective: str = "il
 
 # ------------------------------------------------------------------------------------ selections
 def il_keep_planner(rec: Mapping[str, Any]) -> bool:
-    """IL (PAPER.md §2.1): successful trials only (the benchmark evaluator's verdict)."""
+    """IL (docs/paper.md §2.1): successful trials only (the benchmark evaluator's verdict)."""
     return bool(rec.get("success"))
 
 

@@ -1,6 +1,6 @@
 """The RL replay buffer: behaviour-scored samples of past collections, with their policy version.
 
-PAPER.md §3.1 trains on "replay buffers of historical trajectories" (D^RL_planner, D^RL_reflector);
+docs/paper.md §3.1 trains on "replay buffers of historical trajectories" (D^RL_planner, D^RL_reflector);
 the original code trained on one collection round (§3.3). An entry is one ``batching.Sample`` with
 objective ``"rl"`` (planner: ``reward`` = R_tau, the trial's environment reward, Eq. 5; reflector:
 ``last_reward`` / ``current_reward`` = the rewards of the trials before / after the reflection, from
@@ -11,7 +11,7 @@ RL iteration that collected it (its policy version) and its token count.
 Expert iteration keeps imitation samples (objective ``"il"``, successes only) in the same buffer:
 they need no behaviour log-probs and only the empty / over-long filters apply to them.
 
-Admission filters (``admit``), as the original data prep (PAPER.md §3.2), each counted by reason:
+Admission filters (``admit``), as the original data prep (docs/paper.md §3.2), each counted by reason:
   * ``drop_zero_reward`` (default True, ``filter_json``): planner rows with reward 0 are dropped;
     reflector rows whose last and current rewards are both 0 are dropped;
   * reflector rows with ``last_reward == current_reward`` (``filter_null``; their Δ is 0 anyway);
@@ -34,10 +34,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from retroact_jax import batching
-from retroact_jax.rl import samples as samples_lib
+from retroact_jax import batching, losses
+from retroact_jax.stages import samples as samples_lib
 
-ROLES = ("planner", "reflector")
+ROLES = losses.ROLES
 FORMAT = 1
 
 

@@ -1,5 +1,5 @@
 """The project's own imitation data: scripted experts rolled out through the agent loop on the
-TRAIN split of each environment, filtered by the benchmark's evaluator (PAPER.md §2.1).
+TRAIN split of each environment, filtered by the benchmark's evaluator (docs/paper.md §2.1).
 
 RetroAct's expert was Mixtral-8x7B with few-shot prompts. ``expert="gold"`` (the default, offline
 and model-free) is the gold script of ``agent.gold`` instead; ``expert=<model source>`` is the
@@ -17,7 +17,7 @@ Everything goes through ``agent.rollout.evaluate``, so the rollouts are the agen
 format (zero-shot prompts, cues, memory), they are cached as ``<dir>/<env>/trajectories.jsonl`` and
 an interrupted collection resumes where it stopped. Filtering (``passes_evaluator``) keeps trials
 the benchmark's evaluator accepts: HotpotQA exact match (normalised EM), ALFWorld ``won``,
-InterCode reward exactly 1. Samples (``rl.samples``): a planner sample per kept trial, a reflector
+InterCode reward exactly 1. Samples (``stages.samples``): a planner sample per kept trial, a reflector
 sample per reflection that preceded a kept trial. The selected samples are written to
 ``<dir>/<env>/il_samples.jsonl`` with counts in ``<dir>/<env>/summary.json``.
 """
@@ -30,26 +30,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from retroact_jax import benchmarks
 from retroact_jax.batching import Sample
-from retroact_jax.rl import samples as S
+from retroact_jax.stages import samples as S
 
-TRAIN_SPLITS = {"hotpotqa": "train", "alfworld": "train", "intercode_sql": "train"}
-ENV_BACKENDS = {"alfworld": "processes"}       # TextWorld's parser is not thread-safe
 
 
 class ExpertError(ValueError):
     pass
 
 
-# Tasks per env when ``num_tasks`` is -1: HotpotQA all 753 (the gold script takes ~10 s for them),
-# ALFWorld / InterCode-SQL a seeded 100 (ALFWorld resets cost ~1.5 CPU-s each).
-DEFAULT_TASKS = {"hotpotqa": 0, "alfworld": 100, "intercode_sql": 100}
-
-
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
     expert: str = "gold"            # gold (scripted) | a model source: few-shot LLM (model_expert.py)
-    num_tasks: int = -1             # tasks per env (seeded subset of the train split; 0 all; -1 DEFAULT_TASKS)
+    num_tasks: int = -1             # tasks per env (seeded subset of the train split; 0 all; -1 the benchmark's expert_tasks)
     reflect_fraction: float = 0.3   # gold: tasks whose first trial fails on purpose (reflector data)
     trials: int = 0                 # trials per task; 0: the expert's default (gold 2, model 10)
     seed: int = 0                   # task subset and which tasks fail first
@@ -61,29 +55,20 @@ class ExpertConfig:
 def check(env_names: Sequence[str], cfg: ExpertConfig) -> None:
     """Refuse an env / expert combination that cannot work, before any expert runs."""
     for env in env_names:
-        if env not in TRAIN_SPLITS:
-            raise ExpertError(f"no expert train split for env {env!r}; known: {sorted(TRAIN_SPLITS)}")
+        if not benchmarks.get(env).train_split:
+            raise ExpertError(f"{env} has no train split for the expert to play")
         if cfg.expert != "gold":
-            from retroact_jax.rl import model_expert
+            from retroact_jax.stages import model_expert
             model_expert.check(env, cfg.expert, model_expert.ModelExpertConfig())
 
 
 def passes_evaluator(rec: Mapping[str, Any]) -> bool:
-    """The benchmark's evaluator on a trial record (PAPER.md §2.1, Table 5)."""
-    env = rec.get("env")
-    steps = rec.get("steps") or []
-    info = steps[-1].get("info", {}) if steps else {}
-    if env == "hotpotqa":
-        return bool(info.get("em", rec.get("success")))
-    if env == "alfworld":
-        return bool(info.get("won", rec.get("success")))
-    if env in ("intercode_sql", "intercode_bash"):
-        return float(rec.get("score", 0.0)) == 1.0
-    return bool(rec.get("success"))
+    """The benchmark's evaluator on a trial record (docs/paper.md §2.1)."""
+    return benchmarks.get(rec["env"]).passes_evaluator(rec)
 
 
 def num_tasks_for(env_name: str, num_tasks: int) -> int:
-    return DEFAULT_TASKS.get(env_name, 100) if num_tasks < 0 else num_tasks
+    return benchmarks.get(env_name).expert_tasks if num_tasks < 0 else num_tasks
 
 
 def select_tasks(n_all: int, num_tasks: int, seed: int) -> list[int]:
@@ -118,9 +103,10 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
     import envs
     from retroact_jax import evaluation
     from retroact_jax.agent import loop, rollout
-    split = split or TRAIN_SPLITS.get(env_name)
-    if split is None:
-        raise ExpertError(f"no expert train split for env {env_name!r}; known: {sorted(TRAIN_SPLITS)}")
+    bench = benchmarks.get(env_name)
+    split = split or bench.train_split
+    if not split:
+        raise ExpertError(f"{env_name} has no train split for the expert to play")
     trials = cfg.trials or 2
     if trials < 1 or not 0.0 <= cfg.reflect_fraction <= 1.0:
         raise ExpertError(f"expert trials must be >= 1 and reflect_fraction in [0, 1]: {cfg}")
@@ -140,14 +126,14 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
     run_dir.mkdir(parents=True, exist_ok=True)
     agent_cfg = loop.AgentConfig(trials=trials, batch_size=cfg.batch_size, env_workers=cfg.env_workers)
     rollout.evaluate(env_name, split, indices, pol, pol, agent_cfg, run_dir,
-                     env_backend=ENV_BACKENDS.get(env_name, "threads"), show_progress=cfg.progress)
+                     env_backend=bench.env_backend, show_progress=cfg.progress)
     recs = evaluation.TrajectoryLog(run_dir / "trajectories.jsonl").load()
     wanted = {tasks[i].id for i in indices}
     return [r for r in recs if r["task_id"] in wanted]
 
 
 def il_samples(records: Sequence[Mapping[str, Any]]) -> tuple[list[Sample], list[Sample], dict]:
-    """(planner samples, reflector samples, counts) of evaluator-accepted trials (PAPER.md §2.1)."""
+    """(planner samples, reflector samples, counts) of evaluator-accepted trials (docs/paper.md §2.1)."""
     planner = S.planner_samples(records, "il", keep=passes_evaluator)
     reflector = S.reflector_samples(records, "il", keep=lambda prev, nxt: passes_evaluator(nxt))
     tasks = {S.task_key(r) for r in records}
@@ -173,7 +159,7 @@ def expert_il_data(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig
     """collect -> filter -> samples; writes ``il_samples.jsonl`` and ``summary.json`` beside the
     trajectories. A repeated call reads the cached rollouts (no env step is repeated)."""
     if cfg.expert != "gold":                   # the few-shot LLM expert (HotpotQA)
-        from retroact_jax.rl import model_expert
+        from retroact_jax.stages import model_expert
         return model_expert.expert_il_data(env_name, out_dir, cfg, **kw)
     recs = collect(env_name, out_dir, cfg, **kw)
     planner, reflector, counts = il_samples(recs)

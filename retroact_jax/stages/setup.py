@@ -1,8 +1,9 @@
-"""Run-loop helpers shared by the training stages (IL, RL): models from config, checkpoints of the
-whole train state with the data position, held-out loss, progress bar, export.
+"""The setup both training stages (IL, RL) share, written once: models and LoRA from the config,
+the mesh, the learner, checkpoints of the whole train state with the data position (restored with
+the stage checked), the metrics writer, held-out loss, progress bar, export.
 
-* ``load_models``: the roles' models from one source (``hub.load_pretrained``; "tiny-random" = a
-  2-layer random decoder with a byte tokenizer, for tests and smoke runs), LoRA applied by config.
+* ``load_one`` / ``load_models``: models from a source (``hub.load_pretrained``; ``testing`` for
+  "tiny-random", a 2-layer random decoder with a byte tokenizer, and its exports), LoRA by config.
   Multi-agent = two models (two loads of the source, independent adapters); single-agent = one
   object for both roles (the Learner then shares its parameters).
 * ``TrainCheckpoints``: saves ``learner.state`` (trainable params of every role, optimizer state with
@@ -19,6 +20,11 @@ whole train state with the data position, held-out loss, progress bar, export.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -28,50 +34,48 @@ import numpy as np
 from flax import nnx
 
 from retroact_jax import checkpoint as ckpt_lib
-from retroact_jax import losses, train
-from retroact_jax import tokenizer as tokenizer_lib
+from retroact_jax import batching, losses, testing, train
+from retroact_jax.stages import StageError
+from retroact_jax.stages.configs import as_list, to_dict
 
-TINY_RANDOM = "tiny-random"
+log = logging.getLogger(__name__)
 
 
-class StageError(RuntimeError):
-    pass
+# ------------------------------------------------------------------------------------------ config
+def lora_config(m: Any):
+    """The ``LoRAConfig`` of a stage's ``model`` block, or None for full fine-tuning."""
+    if not m.lora:
+        return None
+    from retroact_jax.models.lora import LoRAConfig
+    return LoRAConfig(rank=int(m.lora_rank), alpha=float(m.lora_alpha), dropout=float(m.lora_dropout),
+                      target_modules=tuple(as_list(m.lora_targets)))
+
+
+def make_mesh(spec: str):
+    """``"data=2,fsdp=-1"`` -> a device mesh; "" -> None (one device)."""
+    if not spec:
+        return None
+    from retroact_jax import sharding
+    return sharding.make_mesh({k: int(v) for k, v in (a.split("=") for a in as_list(spec))})
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> str:
+    """Write ``obj`` as JSON through a temporary file + fsync + rename; returns its sha256."""
+    data = json.dumps(obj).encode()
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ models
-class ByteTokenizer(tokenizer_lib.Tokenizer):
-    """UTF-8 bytes as ids 3..258 (0 pad, 1 bos, 2 eos): the tokenizer of the tiny random model."""
-
-    def __init__(self):
-        self.bos_id, self.eos_ids, self.pad_id = 1, (2,), 0
-        self.chat_template = self.bos_token = self.eos_token = None
-        self.source = TINY_RANDOM
-
-    @property
-    def vocab_size(self) -> int:
-        return 259
-
-    def _encode_offsets(self, text):
-        ids, offsets = [], []
-        for i, ch in enumerate(text):
-            for b in ch.encode("utf-8"):
-                ids.append(3 + b)
-                offsets.append((i, i + 1))
-        return ids, offsets
-
-    def decode(self, ids, skip_special=False):
-        return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", errors="replace")
-
-    def _piece_text(self, token_id):
-        return "" if not 3 <= token_id < 259 else bytes([token_id - 3]).decode("utf-8", errors="replace")
-
-
-def _load_one(source: str, param_dtype: str, seed: int):
-    if source == TINY_RANDOM:
-        from retroact_jax.models.config import tiny
-        from retroact_jax.models.decoder import Decoder
-        cfg = tiny(vocab_size=ByteTokenizer().vocab_size, param_dtype=param_dtype, dtype=param_dtype)
-        return Decoder(cfg, rngs=nnx.Rngs(seed)), ByteTokenizer(), cfg
+def load_one(source: str, param_dtype: str, seed: int):
+    """(model, tokenizer, ModelConfig) of one source; the seed only matters for "tiny-random"."""
+    if testing.is_tiny(source):
+        return testing.load_tiny(source, param_dtype, seed)
     from retroact_jax.models import hub
     return hub.load_pretrained(source, param_dtype=param_dtype)
 
@@ -96,7 +100,7 @@ def load_models(planner: str, reflector: str = "", *, multi_agent: bool = True,
         if not multi_agent and models:
             models[role] = next(iter(models.values()))
             continue
-        model, t, c = _load_one(sources[role], param_dtype, seed)
+        model, t, c = load_one(sources[role], param_dtype, seed)
         if memory:   # attention form / remat (models/decoder.set_memory_options)
             from retroact_jax.models.decoder import set_memory_options
             set_memory_options(model, **memory)
@@ -188,6 +192,109 @@ class TrainCheckpoints:
         self.ck.close()
 
 
+def restore(ckpts: TrainCheckpoints, learner: train.Learner, stage: str, config: Mapping) -> dict | None:
+    """Restore the latest checkpoint of ``stage`` into ``learner`` (None when there is none); a
+    checkpoint of another stage is refused, another config only warned about."""
+    meta = ckpts.restore(learner)
+    if meta is None:
+        return None
+    where = ckpts.ck.directory
+    if meta.get("stage") != stage:
+        raise StageError(f"{where} holds a {meta.get('stage')!r} checkpoint, not {stage!r}: use another workdir")
+    if meta.get("config") != dict(config):
+        log.warning("resuming %s with a config that differs from the checkpoint's", where)
+    return meta
+
+
+def read_checkpoint(workdir: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
+    """({key path: array}, meta) of the latest checkpoint of a stage's workdir."""
+    ck = TrainCheckpoints(pathlib.Path(workdir) / "checkpoints")
+    try:
+        return ck.read()
+    finally:
+        ck.close()
+
+
+def trained_params(workdir: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """{key path: array} of the trainable params in the latest checkpoint of a stage's workdir."""
+    return {k: v for k, v in read_checkpoint(workdir)[0].items() if k.startswith("['params']")}
+
+
+# ----------------------------------------------------------------------------------- training run
+@dataclasses.dataclass
+class Training:
+    """What a training stage holds while it runs: ``load`` fills the models, ``start`` the rest."""
+    models: dict           # {role: model} of every loaded role (a shared object when single-agent)
+    tokenizer: Any
+    model_cfg: Any
+    lora: Any              # LoRAConfig or None
+    mesh: Any = None
+    learner: Any = None    # train.Learner
+    ckpts: Any = None      # TrainCheckpoints
+    config: dict = dataclasses.field(default_factory=dict)  # the stage config, as saved in meta
+    meta: dict | None = None   # the restored checkpoint's meta (None: a fresh start)
+    writer: Any = None     # metrics.MetricsWriter
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.ckpts is not None:
+            self.ckpts.close()
+
+
+def load(c: Any, roles: Sequence[str] = train.ROLES) -> Training:
+    """The models of ``roles`` from ``c.model`` (sources, multi-agent, dtype, LoRA) and ``c.seed``."""
+    lcfg = lora_config(c.model)
+    models, tok, mcfg = load_models(c.model.planner, c.model.reflector,
+                                    multi_agent=bool(c.model.multi_agent), param_dtype=c.model.param_dtype,
+                                    lora=lcfg, seed=int(c.seed), roles=roles,
+                                    memory={"attention": str(c.model.attention), "remat": str(c.model.remat)})
+    if tok.vocab_size < mcfg.vocab_size:
+        log.warning("the tokenizer has %d ids, the model %d: sampled ids past the tokenizer decode to "
+                    "nothing", tok.vocab_size, mcfg.vocab_size)
+    return Training(models, tok, mcfg, lcfg)
+
+
+def start(t: Training, c: Any, workdir: pathlib.Path, stage: str, *, train_roles: Sequence[str],
+          rows: Mapping[str, int], optimizer: Mapping, loss: Any, fresh_log_from: int = -1) -> Training:
+    """Mesh, learner over ``train_roles``, checkpoints (the latest restored, ``stage`` checked) and
+    the metrics writer (lines after the restored step dropped; a fresh run drops lines after
+    ``fresh_log_from``)."""
+    from retroact_jax import metrics as metrics_lib
+    t.mesh = make_mesh(c.train.mesh)
+    t.learner = train.Learner({r: t.models[r] for r in train_roles}, optimizer=dict(optimizer),
+                              loss=loss, rows=dict(rows), mesh=t.mesh,
+                              max_update_ratio=float(c.train.max_update_ratio), **train.memory_kwargs(c.train))
+    t.ckpts = TrainCheckpoints(workdir / "checkpoints", max_to_keep=int(c.train.keep_checkpoints))
+    t.config = to_dict(c)
+    try:
+        t.meta = restore(t.ckpts, t.learner, stage, t.config)
+    except BaseException:
+        t.ckpts.close()
+        raise
+    step = t.learner.step_count
+    t.writer = metrics_lib.MetricsWriter(workdir, tensorboard=bool(c.train.tensorboard),
+                                         start_step=step if step else fresh_log_from)
+    return t
+
+
+def finish(t: Training, c: Any, workdir: pathlib.Path) -> dict[str, str]:
+    """Export the trained models when the config says so; returns {name: hf dir}."""
+    if not c.export.enabled:
+        return {}
+    return export(t.learner, workdir / "export", t.model_cfg, t.tokenizer, t.lora,
+                  dtype=c.export.dtype or None)
+
+
+def write_summary(workdir: pathlib.Path, stage: str, summary: Mapping) -> dict:
+    (workdir / f"{stage}_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return dict(summary)
+
+
 # ------------------------------------------------------------------------------------ eval, export
 @nnx.jit
 def _forward_logp(model, tokens_BxT, positions_BxT, valid_BxT):
@@ -223,7 +330,7 @@ def eval_loss(learner: train.Learner, arrays: Mapping[str, np.ndarray]) -> dict[
     mask = np.asarray(arrays["loss_mask_BxT"], bool)
     nll = -np.asarray(logp, np.float64)
     role_B = np.asarray(arrays["role_B"])
-    for role, rid in (("planner", losses.ROLE_PLANNER), ("reflector", losses.ROLE_REFLECTOR)):
+    for role, rid in batching.ROLES.items():
         m_r = mask & (role_B == rid)[:, None]
         out[f"nll_sum_{role}"] = float(np.sum(np.where(m_r, nll, 0.0)))
         out[f"nll_tokens_{role}"] = int(m_r.sum())
@@ -257,5 +364,7 @@ def export(learner: train.Learner, out_dir: str | pathlib.Path, model_cfg: Any, 
             lora_lib.merge_lora(model)
         hf = sio.write_hf_dir(out_dir / name / "hf", model_cfg, convert.to_hf_state_dict(model),
                               dtype=dtype, tokenizer_files=tok_files)
+        if isinstance(tokenizer, testing.ByteTokenizer):
+            testing.mark_export(hf)
         written[name] = str(hf)
     return written

@@ -1,0 +1,140 @@
+"""The eval stage: K trials of the method's agent on the test tasks, IR / FR / AR, Table 2 outputs.
+
+The planner (and the reflector where the method has one) come from the newest export of the
+method's run directory (RL > IL) or, with none, from ``config.model``. The reflector is what the
+method says (``methods.Method.reflector``): trained (its export), prompted (the base model with
+few-shot exemplars, Reflexion) or absent (one trial; the score carries over to trial K, so
+IR = FR = AR). ``model.policy = "scripted-gold"`` plays the benchmark's gold script instead (an
+end-to-end check of env, loop and metrics). Outputs in ``<method dir>/eval/``: trajectories.jsonl
+(resumable), results.json, results.md, metrics.png.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+from retroact_jax import benchmarks, evaluation
+from retroact_jax.stages import StageError
+from retroact_jax.stages import methods as methods_lib
+from retroact_jax.stages.configs import as_list
+
+log = logging.getLogger(__name__)
+
+
+def exports(stage_dir: pathlib.Path) -> dict[str, str]:
+    """{name: hf dir} a finished training stage exported ({} if none)."""
+    f = stage_dir / f"{stage_dir.name}_summary.json"
+    return dict(json.loads(f.read_text()).get("export") or {}) if f.exists() else {}
+
+
+def role_sources(exported: dict, fallback: tuple[str, str]) -> tuple[str, str]:
+    """(planner source, reflector source) from a stage's exports, else ``fallback``."""
+    if "shared" in exported:
+        return exported["shared"], exported["shared"]
+    return exported.get("planner", fallback[0]), exported.get("reflector", fallback[1])
+
+
+def trained_sources(c: Any, method_dir: pathlib.Path, il_dir: pathlib.Path) -> tuple[str, str]:
+    """The newest trained (planner, reflector) sources of a method's run: RL > IL > config.model."""
+    base = (c.model.planner, c.model.reflector or c.model.planner)
+    got = role_sources(exports(il_dir), base)
+    return role_sources(exports(method_dir / "rl"), got)
+
+
+def _policy(source: str, lora: str, c: Any, cache: dict):
+    """An LMPolicy over (model source, LoRA adapter); one model per distinct pair."""
+    from retroact_jax import sampling
+    from retroact_jax.agent.lm_policy import LMPolicy
+    from retroact_jax.stages import setup
+    if (source, lora) not in cache:
+        model, tok, _ = setup.load_one(source, c.model.param_dtype, 0)
+        from retroact_jax.models.decoder import set_memory_options
+        set_memory_options(model, attention=c.model.attention)
+        if lora:
+            from retroact_jax.models import lora as lora_lib
+            lora_lib.load_lora(model, lora)
+        pad = tok.pad_id if tok.pad_id is not None else 0
+        kw = {name: tuple(int(x) for x in as_list(c.eval[k]))
+              for name, k in (("length_buckets", "cache_buckets"), ("chunk_buckets", "chunk_buckets"))}
+        cache[(source, lora)] = (sampling.Sampler(model, pad_id=pad, eos_ids=tok.eos_ids,
+                                                  **{n: v for n, v in kw.items() if v}), tok)
+    sampler, tok = cache[(source, lora)]
+    return LMPolicy(sampler, tok, incremental=bool(c.model.incremental),
+                    min_new_tokens=int(c.model.min_new_tokens))
+
+
+def policies(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pathlib.Path, tasks: dict):
+    """(planner, reflector or None) of the method."""
+    wants_reflector = m.reflector != methods_lib.NONE
+    if c.model.policy == "scripted-gold":
+        from retroact_jax.agent import gold
+        pol = gold.gold_policy(tasks)
+        return pol, (pol if wants_reflector else None)
+    planner_src, reflector_src = trained_sources(c, method_dir, il_dir)
+    trained = planner_src != c.model.planner
+    if trained:
+        log.info("eval: planner %s, reflector %s", planner_src, reflector_src if wants_reflector else "none")
+    cache: dict = {}
+    planner = _policy(planner_src, "" if trained else c.model.planner_lora, c, cache)
+    if not wants_reflector:
+        return planner, None
+    if m.reflector == methods_lib.PROMPTED:
+        reflector_src = c.model.reflector or c.model.planner
+    lora = "" if reflector_src != (c.model.reflector or c.model.planner) else c.model.reflector_lora
+    return planner, _policy(reflector_src, lora, c, cache)
+
+
+def backbone_name(c: Any) -> str:
+    """The Table 2 backbone label: ``config.backbone``, else the planner source's name."""
+    if c.backbone:
+        return c.backbone
+    src = str(c.model.planner)
+    return {"embedded": "SmolLM2-135M-Instruct"}.get(src, pathlib.Path(src.rstrip("/")).name or src)
+
+
+def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pathlib.Path,
+             multi_agent: bool = True) -> dict:
+    """Run (or resume) the evaluation of method ``m``; returns its results (results.json)."""
+    import envs
+    from retroact_jax.agent import loop, rollout
+    bench = benchmarks.get(c.env)
+    split = c.split or bench.eval_split
+    num_tasks = int(c.eval.num_tasks) or bench.eval_tasks
+    probe = envs.make(c.env, split)
+    try:
+        n_all = len(probe.tasks)
+        if c.eval.start_task >= n_all:
+            raise StageError(f"config.eval.start_task={c.eval.start_task} but {c.env}/{split} has {n_all} tasks")
+        indices = list(range(c.eval.start_task, min(n_all, c.eval.start_task + num_tasks)))
+        tasks = {i: probe.task_at(i) for i in indices}
+    finally:
+        probe.close()
+    planner, reflector = policies(c, m, method_dir, il_dir, tasks)
+    p_ex = r_ex = None
+    if m.few_shot:
+        from retroact_jax.agent import fewshot
+        p_ex = fewshot.planner_examples(c.env, c.eval.num_examples)
+        if m.reflector == methods_lib.PROMPTED:
+            r_ex = fewshot.reflector_examples(c.env, c.eval.num_examples)
+    cfg = loop.AgentConfig(
+        trials=m.eval_trials(int(c.eval.trials)), batch_size=c.eval.batch_size,
+        temperature=c.eval.temperature, reflector_temperature=c.eval.reflector_temperature,
+        seed=c.eval.seed, env_workers=c.eval.env_workers, max_steps=c.eval.max_steps or None,
+        planner_max_tokens=c.eval.planner_max_tokens or None,
+        reflector_max_tokens=c.eval.reflector_max_tokens or None,
+        memory_last="default" if c.eval.memory_last < 0 else c.eval.memory_last)
+    out = method_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = rollout.evaluate(c.env, split, indices, planner, reflector, cfg, out,
+                               summary_trials=int(c.eval.trials), env_backend=c.eval.env_backend or bench.env_backend,
+                               planner_examples=p_ex, reflector_examples=r_ex, show_progress=c.eval.progress)
+    stats = {role: dict(p.stats) for role, p in (("planner", planner), ("reflector", reflector))
+             if p is not None and hasattr(p, "stats")}
+    evaluation.write_outputs(out, summary, backbone_name(c), m.row_label(multi_agent),
+                             {"run": m.run_name(multi_agent), "policy_stats": stats,
+                              "reflector": m.reflector, "trials_per_task": cfg.trials})
+    log.info("%s: %s", m.run_name(multi_agent), json.dumps(
+        {k: {x: round(v[x], 2) for x in ("IR", "FR", "AR")} for k, v in summary["metrics"].items()}))
+    return json.loads((out / "results.json").read_text())

@@ -1,0 +1,168 @@
+"""Methods run as whole pipelines, several methods of one env merged into one table.
+
+    results = pipeline.run(config)          # experiments/run.py: validate, then this
+
+For each method of ``config.methods`` (or ``config.method``) the pipeline runs the method's stages
+(``methods.Method.stages``, or the ``config.stages`` subset) in its directory and evaluates it:
+
+    <run_dir>/il_<roles>[_single]/     the IL stage; methods with the same IL roles share it
+    <run_dir>/<method>[_single]/rl/    the RL stage, from the IL exports
+    <run_dir>/<method>[_single]/eval/  trajectories, results.{json,md}, metrics.png
+    <run_dir>/results.{json,md}, metrics.png   every evaluated method in one Table 2 layout
+
+A stage that finished with the same stage config is skipped on a rerun (its summary and
+``stage_config.json`` say so); an unfinished one resumes from its checkpoints and trajectory files.
+The run-time fields of each stage's config are derived here from the top-level config
+(``stage_config``): model sources, roles, the RL method, the IL data of the env.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import ml_collections as mlc
+
+from retroact_jax import benchmarks, evaluation
+from retroact_jax.stages import evaluate, methods as methods_lib
+from retroact_jax.stages.configs import apply_schedule, as_list
+
+log = logging.getLogger(__name__)
+MODEL_FIELDS = ("planner", "reflector", "multi_agent", "param_dtype")   # set per run, not per stage
+
+
+def resolve(c: Any) -> None:
+    """The top-level fields derived from the env: the run directory."""
+    if not c.run_dir:
+        c.run_dir = f"runs/{c.env}"
+    if c.env in benchmarks.NAMES and not c.model.min_new_tokens:
+        c.model.min_new_tokens = benchmarks.get(c.env).min_new_tokens
+
+
+def method_names(c: Any) -> list[str]:
+    return as_list(c.methods) or [c.method]
+
+
+def stages_of(c: Any, m: methods_lib.Method) -> list[str]:
+    chosen = as_list(c.stages)
+    return [s for s in m.stages if not chosen or s in chosen]
+
+
+def il_dir(c: Any, m: methods_lib.Method) -> pathlib.Path:
+    single = "_single" if not c.multi_agent and len(m.il_roles) > 1 else ""
+    return pathlib.Path(c.run_dir) / f"il_{'+'.join(m.il_roles)}{single}"
+
+
+def method_dir(c: Any, m: methods_lib.Method) -> pathlib.Path:
+    return pathlib.Path(c.run_dir) / m.run_name(bool(c.multi_agent))
+
+
+def _il_data(c: Any, data: Any) -> None:
+    """``auto`` IL sources of the env: RetroAct's released file, else the expert on the train split."""
+    bench = benchmarks.get(c.env)
+    if data.released == "auto":
+        data.released = bench.released_il
+    if data.expert_envs == "auto":
+        data.expert_envs = c.env if not data.released and bench.train_split else ""
+
+
+def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
+    """The IL or RL stage's own config, with its run-time fields derived from ``c``."""
+    sc = mlc.ConfigDict(c[stage].to_dict())
+    sc.model.multi_agent = bool(c.multi_agent)
+    sc.model.param_dtype = c.model.param_dtype
+    if stage == "il":
+        sc.model.planner, sc.model.reflector = c.model.planner, c.model.reflector
+        sc.data.roles = ",".join(m.il_roles)
+        _il_data(c, sc.data)
+        return sc
+    base = (c.model.planner, c.model.reflector or c.model.planner)
+    planner, reflector = evaluate.role_sources(evaluate.exports(il_dir(c, m)), base)
+    sc.model.planner, sc.model.reflector = planner, ("" if reflector == planner else reflector)
+    sc.env, sc.method = c.env, m.rl
+    if not sc.collect.min_new_tokens:
+        sc.collect.min_new_tokens = c.model.min_new_tokens
+    if sc.il_data.expert_envs == "auto":      # the IL stage's expert rollouts, read from its cache
+        sc.il_data.expert_workdir = str(il_dir(c, m))
+        for k in ("expert", "expert_tasks", "expert_trials", "expert_reflect_fraction", "expert_batch_size",
+                  "expert_env_workers"):
+            sc.il_data[k] = c.il.data[k]
+    _il_data(c, sc.il_data)
+    if c.rl_schedule:
+        apply_schedule(sc, c.rl_schedule)
+    return sc
+
+
+def _finished(d: pathlib.Path, name: str, cfg: dict) -> bool:
+    f = d / "stage_config.json"
+    return (d / f"{name}_summary.json").exists() and f.exists() and json.loads(f.read_text()) == cfg
+
+
+def _measured(c: Any, name: str, fn, *args, **kw):
+    """``fn`` under ``metrics.StageMemory``: its peak RSS / time / compiles logged and added to
+    ``<run_dir>/stages.json`` as ``name``."""
+    from retroact_jax import metrics
+    with metrics.StageMemory(name) as mem:
+        out = fn(*args, **kw)
+    log.info("%s", mem.line())
+    path = pathlib.Path(c.run_dir) / "stages.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old[name] = mem.summary
+    path.write_text(json.dumps(old, indent=2) + "\n")
+    return out
+
+
+def run_training(c: Any, stage: str, m: methods_lib.Method) -> None:
+    """The IL or RL stage of method ``m``, skipped when it already finished with this config."""
+    from retroact_jax.stages import il, rl
+    sc = stage_config(c, stage, m)
+    d = il_dir(c, m) if stage == "il" else method_dir(c, m) / "rl"
+    cfg = sc.to_dict()
+    if _finished(d, stage, cfg):
+        log.info("%s: %s finished in %s, skipped", m.name, stage, d)
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    summary = _measured(c, f"{d.relative_to(c.run_dir)}", il.run_il if stage == "il" else rl.run_rl, sc, d)
+    (d / "stage_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    log.info("%s: %s", stage, json.dumps({k: summary.get(k) for k in ("steps", "iterations", "export")}))
+
+
+def eval_config(c: Any) -> dict:
+    return {"env": c.env, "split": c.split, "model": c.model.to_dict(), "eval": c.eval.to_dict(),
+            "backbone": c.backbone}
+
+
+def run_method(c: Any, m: methods_lib.Method) -> dict | None:
+    """The method's stages; its results when it was evaluated (now or by an earlier run)."""
+    d = method_dir(c, m)
+    for stage in stages_of(c, m):
+        if stage != "eval":
+            run_training(c, stage, m)
+            continue
+        f = d / "eval" / "stage_config.json"
+        if (d / "eval" / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c):
+            log.info("%s: eval finished in %s, skipped", m.name, d / "eval")
+        else:
+            _measured(c, f"{m.run_name(bool(c.multi_agent))}/eval", evaluate.run_eval, c, m, d, il_dir(c, m),
+                      multi_agent=bool(c.multi_agent))
+            f.write_text(json.dumps(eval_config(c), indent=2) + "\n")
+    res = d / "eval" / "results.json"
+    return json.loads(res.read_text()) if res.exists() else None
+
+
+def run(c: Any) -> list[dict]:
+    """Every configured method; the evaluated ones merged into ``<run_dir>/results.*``."""
+    run_dir = pathlib.Path(c.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+    results = []
+    for name in method_names(c):
+        log.info("method %s", name)
+        got = run_method(c, methods_lib.get(name))
+        if got is not None:
+            results.append(got)
+    if results:
+        evaluation.write_table(run_dir, results)
+        print((run_dir / "results.md").read_text())
+    return results
