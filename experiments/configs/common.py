@@ -59,8 +59,8 @@ def base(env: str) -> mlc.ConfigDict:
     c.eval.env_workers = 4           # threads or worker processes stepping the envs
     c.eval.num_examples = 2          # few-shot exemplars (react / reflexion)
     c.eval.progress = True           # tqdm progress bar
-    c.eval.cache_buckets = ""        # sampler KV-cache lengths / extension chunk lengths, comma lists
-    c.eval.chunk_buckets = ""        #   ("" = powers of two); fewer = fewer compilations, more padding
+    c.eval.compare = ""              # also evaluated on the same tasks, printed beside the trained model
+                                     #   (compare.md): base (config.model) and/or il (IL exports)
 
     # The training stages' own fields (retroact_jax/stages/configs.py); their model sources, roles,
     # RL method and data sources are derived per method at run time (stages/pipeline.py).
