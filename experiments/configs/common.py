@@ -59,6 +59,8 @@ def base(env: str) -> mlc.ConfigDict:
     c.eval.env_workers = 4           # threads or worker processes stepping the envs
     c.eval.num_examples = 2          # few-shot exemplars (react / reflexion)
     c.eval.progress = True           # tqdm progress bar
+    c.eval.compare = ""              # also evaluated on the same tasks, printed beside the trained model
+                                     #   (compare.md): base (config.model) and/or il (IL exports)
 
     # The training stages' own fields (retroact_jax/stages/configs.py); their model sources, roles,
     # RL method and data sources are derived per method at run time (stages/pipeline.py).

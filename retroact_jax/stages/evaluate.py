@@ -7,6 +7,11 @@ few-shot exemplars, Reflexion) or absent (one trial; the score carries over to t
 IR = FR = AR). ``model.policy = "scripted-gold"`` plays the benchmark's gold script instead (an
 end-to-end check of env, loop and metrics). Outputs in ``<method dir>/eval/``: trajectories.jsonl
 (resumable), results.json, results.md, metrics.png.
+
+``config.eval.compare`` evaluates earlier models of the same run on the same tasks as well, each
+with the method's agent: ``base`` (``config.model``, untrained) and ``il`` (the IL exports), in
+``<method dir>/eval_<name>/``; ``compare.md`` puts them beside the trained one (valid-action rate,
+IR / FR of each metric: does training change the agent?).
 """
 from __future__ import annotations
 
@@ -23,9 +28,9 @@ from retroact_jax.stages.configs import as_list
 log = logging.getLogger(__name__)
 
 
-def exports(stage_dir: pathlib.Path) -> dict[str, str]:
-    """{name: hf dir} a finished training stage exported ({} if none)."""
-    f = stage_dir / f"{stage_dir.name}_summary.json"
+def exports(stage_dir: pathlib.Path, stage: str) -> dict[str, str]:
+    """{name: hf dir} a finished ``stage`` (il | rl) exported in ``stage_dir`` ({} if none)."""
+    f = stage_dir / f"{stage}_summary.json"
     return dict(json.loads(f.read_text()).get("export") or {}) if f.exists() else {}
 
 
@@ -39,8 +44,8 @@ def role_sources(exported: dict, fallback: tuple[str, str]) -> tuple[str, str]:
 def trained_sources(c: Any, method_dir: pathlib.Path, il_dir: pathlib.Path) -> tuple[str, str]:
     """The newest trained (planner, reflector) sources of a method's run: RL > IL > config.model."""
     base = (c.model.planner, c.model.reflector or c.model.planner)
-    got = role_sources(exports(il_dir), base)
-    return role_sources(exports(method_dir / "rl"), got)
+    got = role_sources(exports(il_dir, "il"), base)
+    return role_sources(exports(method_dir / "rl", "rl"), got)
 
 
 def _policy(source: str, lora: str, c: Any, cache: dict):
@@ -65,14 +70,23 @@ def _policy(source: str, lora: str, c: Any, cache: dict):
                     min_new_tokens=int(c.model.min_new_tokens))
 
 
-def policies(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pathlib.Path, tasks: dict):
-    """(planner, reflector or None) of the method."""
+def model_sources(c: Any, model: str, method_dir: pathlib.Path, il_dir: pathlib.Path) -> tuple[str, str]:
+    """(planner, reflector) sources of ``model``: trained (the newest: RL > IL > base) | il | base."""
+    base = (c.model.planner, c.model.reflector or c.model.planner)
+    if model == "base":
+        return base
+    return role_sources(exports(il_dir, "il"), base) if model == "il" else trained_sources(c, method_dir, il_dir)
+
+
+def policies(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pathlib.Path, tasks: dict,
+             model: str = "trained"):
+    """(planner, reflector or None) of the method, with the models of ``model_sources``."""
     wants_reflector = m.reflector != methods_lib.NONE
     if c.model.policy == "scripted-gold":
         from retroact_jax.agent import gold
         pol = gold.gold_policy(tasks)
         return pol, (pol if wants_reflector else None)
-    planner_src, reflector_src = trained_sources(c, method_dir, il_dir)
+    planner_src, reflector_src = model_sources(c, model, method_dir, il_dir)
     trained = planner_src != c.model.planner
     if trained:
         log.info("eval: planner %s, reflector %s", planner_src, reflector_src if wants_reflector else "none")
@@ -95,8 +109,9 @@ def backbone_name(c: Any) -> str:
 
 
 def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pathlib.Path,
-             multi_agent: bool = True) -> dict:
-    """Run (or resume) the evaluation of method ``m``; returns its results (results.json)."""
+             multi_agent: bool = True, model: str = "trained") -> dict:
+    """Run (or resume) the evaluation of method ``m`` with ``model`` (``model_sources``) in
+    ``eval_dir(method_dir, model)``; returns its results (results.json)."""
     import envs
     from retroact_jax.agent import loop, rollout
     bench = benchmarks.get(c.env)
@@ -111,7 +126,7 @@ def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
         tasks = {i: probe.task_at(i) for i in indices}
     finally:
         probe.close()
-    planner, reflector = policies(c, m, method_dir, il_dir, tasks)
+    planner, reflector = policies(c, m, method_dir, il_dir, tasks, model)
     p_ex = r_ex = None
     if m.few_shot:
         from retroact_jax.agent import fewshot
@@ -125,7 +140,7 @@ def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
         planner_max_tokens=c.eval.planner_max_tokens or None,
         reflector_max_tokens=c.eval.reflector_max_tokens or None,
         memory_last="default" if c.eval.memory_last < 0 else c.eval.memory_last)
-    out = method_dir / "eval"
+    out = eval_dir(method_dir, model)
     out.mkdir(parents=True, exist_ok=True)
     summary = rollout.evaluate(c.env, split, indices, planner, reflector, cfg, out,
                                summary_trials=int(c.eval.trials), env_backend=c.eval.env_backend or bench.env_backend,
@@ -134,7 +149,30 @@ def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
              if p is not None and hasattr(p, "stats")}
     evaluation.write_outputs(out, summary, backbone_name(c), m.row_label(multi_agent),
                              {"run": m.run_name(multi_agent), "policy_stats": stats,
-                              "reflector": m.reflector, "trials_per_task": cfg.trials})
-    log.info("%s: %s", m.run_name(multi_agent), json.dumps(
-        {k: {x: round(v[x], 2) for x in ("IR", "FR", "AR")} for k, v in summary["metrics"].items()}))
+                              "reflector": m.reflector, "trials_per_task": cfg.trials, "model": model,
+                              "sources": _sources(c, m, model, method_dir, il_dir)})
+    log.info("%s (%s model): %s, valid actions %s", m.run_name(multi_agent), model, json.dumps(
+        {k: {x: round(v[x], 2) for x in ("IR", "FR", "AR")} for k, v in summary["metrics"].items()}),
+        summary["actions"]["valid_rate"])
     return json.loads((out / "results.json").read_text())
+
+
+def _sources(c: Any, m: methods_lib.Method, model: str, method_dir: pathlib.Path, il_dir: pathlib.Path) -> dict:
+    """The model sources the evaluation played, for results.json."""
+    if c.model.policy == "scripted-gold":
+        return {"planner": "scripted-gold"}
+    planner, reflector = model_sources(c, model, method_dir, il_dir)
+    if m.reflector == methods_lib.PROMPTED:
+        reflector = c.model.reflector or c.model.planner
+    return {"planner": planner, **({"reflector": reflector} if m.reflector != methods_lib.NONE else {})}
+
+
+def eval_dir(method_dir: pathlib.Path, model: str = "trained") -> pathlib.Path:
+    return method_dir / ("eval" if model == "trained" else f"eval_{model}")
+
+
+def compare_label(m: methods_lib.Method, model: str) -> str:
+    """base | IL | RL: what the model has been through (``trained`` = the method's last stage)."""
+    if model == "trained":
+        model = "rl" if m.rl else "il" if m.il_roles else "base"
+    return {"base": "base (untrained)", "il": "IL", "rl": "IL + RL"}[model]

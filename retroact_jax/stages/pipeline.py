@@ -78,7 +78,7 @@ def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
         _il_data(c, sc.data)
         return sc
     base = (c.model.planner, c.model.reflector or c.model.planner)
-    planner, reflector = evaluate.role_sources(evaluate.exports(il_dir(c, m)), base)
+    planner, reflector = evaluate.role_sources(evaluate.exports(il_dir(c, m), "il"), base)
     sc.model.planner, sc.model.reflector = planner, ("" if reflector == planner else reflector)
     sc.env, sc.method = c.env, m.rl
     if not sc.collect.min_new_tokens:
@@ -129,8 +129,33 @@ def run_training(c: Any, stage: str, m: methods_lib.Method) -> None:
 
 
 def eval_config(c: Any) -> dict:
-    return {"env": c.env, "split": c.split, "model": c.model.to_dict(), "eval": c.eval.to_dict(),
-            "backbone": c.backbone}
+    ev = {k: v for k, v in c.eval.to_dict().items() if k != "compare"}   # which models: not how
+    return {"env": c.env, "split": c.split, "model": c.model.to_dict(), "eval": ev, "backbone": c.backbone}
+
+
+def run_eval(c: Any, m: methods_lib.Method, model: str = "trained") -> dict:
+    """The eval stage with ``model`` (trained | il | base), skipped when it finished with this config."""
+    d = method_dir(c, m)
+    out = evaluate.eval_dir(d, model)
+    f = out / "stage_config.json"
+    if (out / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c):
+        log.info("%s: eval finished in %s, skipped", m.name, out)
+    else:
+        _measured(c, f"{m.run_name(bool(c.multi_agent))}/{out.name}", evaluate.run_eval, c, m, d,
+                  il_dir(c, m), multi_agent=bool(c.multi_agent), model=model)
+        f.write_text(json.dumps(eval_config(c), indent=2) + "\n")
+    return json.loads((out / "results.json").read_text())
+
+
+def compare(c: Any, m: methods_lib.Method, results: dict) -> str:
+    """``<method dir>/compare.md``: the models of ``config.eval.compare`` beside the trained one."""
+    rows = [(evaluate.compare_label(m, k), results[k]) for k in ("base", "il", "trained") if k in results]
+    s = rows[-1][1]
+    head = (f"{m.row_label(bool(c.multi_agent))} on {s['env']} ({s['num_tasks']} tasks x {s['trials']} "
+            f"trials): the same agent with each model, x100\n\n")
+    text = head + evaluation.compare_table(rows)
+    (method_dir(c, m) / "compare.md").write_text(text)
+    return text
 
 
 def run_method(c: Any, m: methods_lib.Method) -> dict | None:
@@ -140,13 +165,9 @@ def run_method(c: Any, m: methods_lib.Method) -> dict | None:
         if stage != "eval":
             run_training(c, stage, m)
             continue
-        f = d / "eval" / "stage_config.json"
-        if (d / "eval" / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c):
-            log.info("%s: eval finished in %s, skipped", m.name, d / "eval")
-        else:
-            _measured(c, f"{m.run_name(bool(c.multi_agent))}/eval", evaluate.run_eval, c, m, d, il_dir(c, m),
-                      multi_agent=bool(c.multi_agent))
-            f.write_text(json.dumps(eval_config(c), indent=2) + "\n")
+        got = {k: run_eval(c, m, k) for k in ["trained"] + as_list(c.eval.compare)}
+        if len(got) > 1:
+            print(compare(c, m, got))
     res = d / "eval" / "results.json"
     return json.loads(res.read_text()) if res.exists() else None
 

@@ -15,6 +15,7 @@ from retroact_jax.stages.configs import SCHEDULES, as_list
 
 POLICIES = ("lm", "scripted-gold")
 BACKENDS = ("threads", "processes")
+COMPARE = ("base", "il")   # eval.compare: earlier models evaluated beside the trained one
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,16 @@ def top_level(c: Any) -> None:
     _at_least(c, "", ("eval.memory_last",), -1)
     if c.eval.env_backend:
         _choice(c, "", "eval.env_backend", BACKENDS)
+    for k in as_list(c.eval.compare):
+        if k not in COMPARE:
+            raise _fail("eval.compare", c.eval.compare, f"a comma list of {', '.join(COMPARE)} ('' none)")
+        untrained = [n for n in names if not methods_lib.get(n).il_roles]   # IL is every training's start
+        if untrained:
+            raise _fail("eval.compare", c.eval.compare, f"{', '.join(untrained)} trains no model: "
+                        f"nothing to compare with {k!r}")
+        if k == "il" and any(not methods_lib.get(n).rl for n in names):
+            raise _fail("eval.compare", c.eval.compare, "'il' needs methods with an RL stage (without "
+                        "one the trained model is the IL one)")
 
 
 def optimizer(o: Any, prefix: str) -> None:
