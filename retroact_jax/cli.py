@@ -116,11 +116,22 @@ def user_errors():
     from retroact_jax.stages import StageError, methods, validate
     try:
         yield
-    except (UserError, validate.ConfigError, methods.MethodError, benchmarks.BenchmarkError,
-            StageError) as e:
-        if verbose():
+    except Exception as e:   # noqa: BLE001 - re-raised unless it is one of the user-facing errors
+        if verbose() or not isinstance(e, (UserError, validate.ConfigError, methods.MethodError,
+                                           benchmarks.BenchmarkError, StageError) + _run_errors()):
             raise
         die(e)
+
+
+# errors a run stops with that name what to do (a damaged checkpoint with no intact step, a bad weights
+# directory, a diverged run): one line too; looked up only when their module is loaded (no JAX import)
+_RUN_ERRORS = (("retroact_jax.checkpoint", "CheckpointError"), ("retroact_jax.train", "TrainError"),
+               ("retroact_jax.models.convert", "CheckpointError"),
+               ("retroact_jax.models.safetensors_io", "CheckpointError"))
+
+
+def _run_errors() -> tuple:
+    return tuple(getattr(sys.modules[m], n) for m, n in _RUN_ERRORS if m in sys.modules)
 
 
 def init_jax(coordinator: str | None, num_processes: int | None, process_id: int | None,

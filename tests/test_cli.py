@@ -8,6 +8,9 @@ import sys
 import pytest
 
 BASE = [sys.executable, "-m", "experiments.run", "--config=experiments/configs/quickstart.py"]
+# the quickstart's IL on the tiny random model: its byte-level rows are long (2048 tokens, truncated);
+# no base / IL comparison runs
+TINY_IL = ("--config.il.data.long_rows=truncate", "--config.il.data.max_tokens=2048", "--config.eval.compare=")
 
 
 def _run(*args):
@@ -24,7 +27,8 @@ def _run(*args):
     ((BASE[3], "--config.il.optimizer.name=sgd", "--config.il.optimizer.kwargs.b1=0.8"), "optax.sgd"),
     ((BASE[3], "--config.il.optimizer.kwargs.nope=1"), "['nope']"),
     ((BASE[3], "--config.method=sft", "--config.multi_agent=False"), "config.multi_agent=False"),
-    ((BASE[3], "--config.il.train.max_steps=1"), "config.il.optimizer.warmup_steps=1"),
+    ((BASE[3], "--config.il.train.max_steps=1", "--config.il.optimizer.schedule=linear"),
+     "config.il.optimizer.warmup_steps="),
 ])
 def test_user_errors_are_one_line(args, names):
     r = _run(*args)
@@ -44,7 +48,7 @@ def test_optimizer_kwargs_and_name_from_the_command_line(tmp_path):
              "--config.method=sft", "--config.stages=il", "--config.il.data.expert_tasks=2", "--config.il.train.max_steps=2",
              "--config.il.train.buckets=2048", "--config.il.data.eval_rows=0",
              "--config.il.train.progress=False", "--config.il.train.tensorboard=False",
-             "--config.il.optimizer.name=sgd", "--config.il.optimizer.kwargs.momentum=0.9",
+             *TINY_IL, "--config.il.optimizer.name=sgd", "--config.il.optimizer.kwargs.momentum=0.9",
              "--config.rl.optimizer.kwargs.b1=0.8")
     assert r.returncode == 0, r.stderr[-3000:]
     il = json.loads((tmp_path / "il_planner" / "stage_config.json").read_text())
@@ -52,3 +56,15 @@ def test_optimizer_kwargs_and_name_from_the_command_line(tmp_path):
     top = json.loads((tmp_path / "config.json").read_text())
     assert top["rl"]["optimizer"]["kwargs"] == {"weight_decay": 0.0, "b1": 0.8}
     assert (tmp_path / "il_planner" / "il_summary.json").exists()
+
+
+def test_a_diverged_run_stops_with_one_line(tmp_path):
+    """The divergence guard's error (LoRA at an absurd learning rate) reaches the user as one line."""
+    r = _run(BASE[3], f"--config.run_dir={tmp_path}", "--config.model.planner=tiny-random",
+             "--config.method=sft", "--config.stages=il", "--config.il.data.expert_tasks=2",
+             "--config.il.train.max_steps=3", "--config.il.train.buckets=2048", "--config.il.data.eval_rows=0",
+             "--config.il.train.progress=False", "--config.il.train.tensorboard=False",
+             *TINY_IL, "--config.il.optimizer.learning_rate=1e30", "--config.il.optimizer.warmup_steps=0")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines and lines[-1].startswith("error: "), r.stderr[-3000:]
+    assert "step" in lines[-1] and "Traceback" not in r.stderr
