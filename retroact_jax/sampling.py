@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.struct
 import jax
@@ -44,12 +44,13 @@ import numpy as np
 from flax import nnx
 
 from retroact_jax.models.decoder import KVCache, positions_after
+from retroact_jax.stops import (MAX_STOP_LEN, MAX_STOP_SEQS, StopError, stop_seq_array,  # noqa: F401
+                                stop_token_mask, stop_token_sequences)
 
 TRACE_COUNTS: collections.Counter = collections.Counter()   # traced-function name -> traces
 
 POW2 = tuple(2 ** i for i in range(0, 16))
 MAX_EOS = 8
-MAX_STOP_SEQS, MAX_STOP_LEN = 16, 8    # multi-token stop sequences: how many, how long
 
 
 class SamplerError(ValueError):
@@ -77,52 +78,6 @@ class Completion:
     tokens_BxN: np.ndarray
     lengths_B: np.ndarray
     logp_BxN: np.ndarray
-
-
-def stop_token_mask(decode: Callable[[int], str], vocab_size: int,
-                    stop_strings: Sequence[str]) -> np.ndarray:
-    """[V] bool: tokens whose decoded text contains any stop string (e.g. ``"\\n"``).
-
-    ``decode(id) -> str`` decodes one token (e.g. ``lambda i: tok.decode([i])``). A stop string
-    that only appears across a token boundary is not caught here: trim the decoded text as well.
-    """
-    if not stop_strings or any(not s for s in stop_strings):
-        raise SamplerError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
-    return np.asarray([any(s in decode(i) for s in stop_strings) for i in range(vocab_size)], bool)
-
-
-def stop_token_sequences(encode: Callable[[str], Sequence[int]], decode: Callable[[Sequence[int]], str],
-                         stop_strings: Sequence[str],
-                         contexts: Sequence[str] = ("", " ", "\n", ":", ".", "]", "1")) -> list[tuple[int, ...]]:
-    """Token sequences that complete a stop string spanning several tokens, for ``stop_seqs``.
-
-    For each stop string s and context c, ``encode(c + s)`` minus the leading tokens whose text
-    lies wholly in c; kept when it has >= 2 tokens (a one-token completion is ``stop_mask``'s job)
-    and <= ``MAX_STOP_LEN``. Early stopping only: a stop string the model spells with another
-    tokenisation still runs to the budget and must be cut on the decoded text as well.
-    """
-    out: list[tuple[int, ...]] = []
-    for s in stop_strings:
-        if not s:
-            raise SamplerError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
-        for c in contexts:
-            ids = list(encode(c + s))
-            while ids and len(decode(ids[1:])) >= len(s) and s in decode(ids[1:]):
-                ids = ids[1:]                           # drop context-only leading tokens
-            if 2 <= len(ids) <= MAX_STOP_LEN and tuple(ids) not in out:
-                out.append(tuple(ids))
-    return out[:MAX_STOP_SEQS]
-
-
-def _stop_seq_array(stop_seqs) -> np.ndarray:
-    """[MAX_STOP_SEQS, MAX_STOP_LEN] int32, right-aligned, -1 = unused position / unused row."""
-    seqs = [] if stop_seqs is None else [tuple(int(t) for t in q) for q in stop_seqs]
-    if len(seqs) > MAX_STOP_SEQS or any(not 1 <= len(q) <= MAX_STOP_LEN for q in seqs):
-        raise SamplerError(f"stop_seqs: at most {MAX_STOP_SEQS} sequences of 1..{MAX_STOP_LEN} tokens, got {stop_seqs!r}")
-    arr = np.full((MAX_STOP_SEQS, MAX_STOP_LEN), -1, np.int32)
-    for i, q in enumerate(seqs):
-        arr[i, MAX_STOP_LEN - len(q):] = q
-    return arr
 
 
 # --------------------------------------------------------------------------- pure traced functions
@@ -326,7 +281,10 @@ class Sampler:
             if temperature > 0.0:
                 raise SamplerError("sampling with temperature > 0 needs a PRNG key")
             key = jax.random.key(0)                      # unused by greedy decoding
-        seqs = _stop_seq_array(stop_seqs)
+        try:
+            seqs = stop_seq_array(stop_seqs)
+        except StopError as e:
+            raise SamplerError(str(e)) from None
         if seqs.max() >= v:
             raise SamplerError(f"stop_seqs hold token ids outside [0, {v}): {stop_seqs!r}")
         return (key, jnp.asarray(mx), jnp.asarray(mn), jnp.asarray(stop), jnp.asarray(seqs),

@@ -18,10 +18,11 @@ MARKER = "byte_tokenizer.json"
 
 
 class ByteTokenizer(tokenizer_lib.Tokenizer):
-    """UTF-8 bytes as ids 3..258 (0 pad, 1 bos, 2 eos): the tokenizer of the tiny random model."""
+    """UTF-8 bytes as ids 3..258 (0 pad, 1 bos, 2 eos): the tokenizer of the tiny random model.
+    ``add_bos=True`` makes it a BOS family (as Llama-2's tokenizer), for tests of that path."""
 
-    def __init__(self):
-        self.bos_id, self.eos_ids, self.pad_id = 1, (2,), 0
+    def __init__(self, add_bos: bool = False):
+        self.bos_id, self.eos_ids, self.pad_id, self.add_bos = 1, (2,), 0, add_bos
         self.chat_template = self.bos_token = self.eos_token = None
         self.source = TINY_RANDOM
 

@@ -21,12 +21,13 @@ def test_smollm2_two_tasks_two_trials(env, tmp_path):
            "--config.eval.max_steps=3", "--config.eval.planner_max_tokens=48",
            "--config.eval.reflector_max_tokens=48", "--config.eval.env_backend=threads",
            "--config.eval.env_workers=1", f"--config.run_dir={tmp_path}",
-           "--config.eval.progress=False"]
+           "--config.eval.progress=False", "--config.stages=eval"]   # the base model, no training
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads((tmp_path / "results.json").read_text())
+    run = tmp_path / "retroact" / "eval"
+    res = json.loads((run / "results.json").read_text())
     assert res["num_tasks"] == 2 and len(res["metrics"][res["primary"]]["per_trial"]) == 2
-    recs = [json.loads(x) for x in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (run / "trajectories.jsonl").read_text().splitlines()]
     assert {r["task_index"] for r in recs} == {0, 1}
     for r in recs:
         # generated spans carry the sampled ids and log-probs; only InterCode's action fallback keeps

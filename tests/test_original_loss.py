@@ -26,41 +26,14 @@ import numpy as np
 import pytest
 
 from retroact_jax import batching, losses, train
-from retroact_jax import tokenizer as tokenizer_lib
 from retroact_jax.batching import Sample
+from retroact_jax.testing import ByteTokenizer
 
 V, EPS, CUTOFF = 259, 0.3, 96
 PAD, BOS, EOS = 0, 1, 2
 
 
-class ByteTok(tokenizer_lib.Tokenizer):
-    """UTF-8 bytes as ids 3..258 with a BOS that the family adds (as Llama-2's tokenizer does)."""
-
-    def __init__(self, add_bos=True):
-        self.bos_id, self.eos_ids, self.pad_id, self.add_bos = BOS, (EOS,), PAD, add_bos
-        self.chat_template = self.bos_token = self.eos_token = None
-        self.source = "bytes"
-
-    @property
-    def vocab_size(self):
-        return V
-
-    def _encode_offsets(self, text):
-        ids, offsets = [], []
-        for i, ch in enumerate(text):
-            for b in ch.encode("utf-8"):
-                ids.append(3 + b)
-                offsets.append((i, i + 1))
-        return ids, offsets
-
-    def decode(self, ids, skip_special=False):
-        return bytes(int(i) - 3 for i in ids if 3 <= int(i) < V).decode("utf-8", errors="replace")
-
-    def _piece_text(self, token_id):
-        return "" if not 3 <= token_id < V else bytes([token_id - 3]).decode("utf-8", errors="replace")
-
-
-TOK = ByteTok()
+TOK = ByteTokenizer(add_bos=True)
 
 
 # ------------------------------------------------------------------------------ the reference (numpy)

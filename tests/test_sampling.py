@@ -8,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from retroact_jax import sampling, scoring
+from retroact_jax import sampling, scoring, stops
 from retroact_jax.models import convert
 from retroact_jax.models.config import ModelConfig, tiny
 from retroact_jax.models.decoder import Decoder, forward_fn, positions_from_mask
@@ -109,7 +109,7 @@ def test_stop_mask_eos_and_budgets(model):
     vocab = {i: ("a\nb" if i == 7 else "x" if i % 2 else "Obs") for i in range(20)}
     mask = sampling.stop_token_mask(vocab.__getitem__, 20, ["\n", "Ob"])
     assert np.nonzero(mask)[0].tolist() == [0, 2, 4, 6, 7, 8, 10, 12, 14, 16, 18]
-    with pytest.raises(sampling.SamplerError):
+    with pytest.raises(stops.StopError):
         sampling.stop_token_mask(vocab.__getitem__, 20, [""])
 
 

@@ -34,12 +34,13 @@ import pathlib
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from envs import data
+from envs.intercode_sql.osutil import flock as _flock, free_port as _free_port, pid_alive as _pid_alive
+from envs.intercode_sql.osutil import port_free as _port_free, tail as _tail
 
 DUMP = "intercode/ic_spider_dbs.sql"
 DEFAULT_PORT = 3307
@@ -104,41 +105,11 @@ def available() -> str | None:
 
 
 # -- small helpers ------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        st = pathlib.Path(f"/proc/{pid}/stat").read_text()
-        return st.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _read_pid(d: pathlib.Path) -> int | None:
     try:
         return int((d / "mysqld.pid").read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ping(sock: str, timeout: float = 1.0) -> bool:
@@ -154,23 +125,6 @@ def ping(sock: str, timeout: float = 1.0) -> bool:
     except Exception:  # noqa: BLE001 - anything else means "not answering"
         return False
     return True
-
-
-@contextlib.contextmanager
-def _flock(path: pathlib.Path, mode: int):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, mode)
-        yield fd
-    finally:
-        os.close(fd)   # releases the lock
-
-
-def _tail(p: pathlib.Path, n: int = 15) -> str:
-    try:
-        return "\n".join(p.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no error log)"
 
 
 def _client(bins: dict, d: pathlib.Path, sql_stdin: bytes, what: str) -> None:

@@ -37,9 +37,6 @@ def base(env: str) -> mlc.ConfigDict:
                                      #   0 = the benchmark's: HotpotQA 2, else 1 (WORKSPACE.md)
     c.model.policy = "lm"            # lm (the sampler) | scripted-gold (the gold script; stages=eval)
     c.model.incremental = True       # keep each episode's KV cache and extend it (False: re-prefill)
-    # no stop/EOS in a completion's first n tokens (vLLM min_tokens); 2 on HotpotQA, whose calls never
-    # end after one token, 1 elsewhere (" look\n", " submit\n" are 2 tokens); figures in WORKSPACE.md
-    c.model.min_new_tokens = 2 if env == "hotpotqa" else 1
 
     c.eval = mlc.ConfigDict()
     c.eval.num_tasks = 0             # tasks evaluated from start_task (0 = the paper's: 100/134/100/200)

@@ -63,5 +63,5 @@ BENCHMARK = Benchmark(
     train_split="train", example_split="train", env_backend="threads", released_il="",
     gold_planner=gold_planner, gold_reflection=gold_reflection, passes_evaluator=passes_evaluator,
     example_text=example_text, reflect_instruction=reflect_instruction,
-    expert_tasks=0,
-    min_new_tokens=2)               # its calls never end after one token                 # all 753 train questions (the gold script takes ~10 s for them)
+    expert_tasks=0,                 # all 753 train questions (the gold script takes ~10 s for them)
+    min_new_tokens=2)               # its calls never end after one token (WORKSPACE.md)
