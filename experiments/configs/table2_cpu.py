@@ -33,7 +33,12 @@ episodes are 10x longer, hence its test subset):
                                                                               ~ 70 min
     compiles (~40 s each, persistent cache on later runs)                     ~ 15 min
     total                                                                     ~ 2.9 h
-If the first stages run slower than this, cut (in this order) rl.collect.tasks_per_iteration,
+The per-stage figures above are estimates from the benchmarks' idle step costs, not an end-to-end
+measurement. Measured (2026-12-07, the shared machine at load 11-15, so ~5x slower than idle): a
+smoke run of this config (react + sft, 2 test tasks, K 2, 6 IL steps) took 9 min 11 s, peak RSS
+2.6 GB: react eval 115 s (34 s compiling), IL planner 332 s (expert on 733 questions, 160 s
+compiling, ~17 s per 500-token step), sft eval 95 s. RUN.md of the real run records every stage.
+If the first stages run slower than the estimate, cut (in this order) rl.collect.tasks_per_iteration,
 rl.train.iterations, il.train.max_steps; never the test tasks or K below 5.
 """
 from experiments.configs.common import base
