@@ -111,3 +111,30 @@ def test_pack_epoch_covers_every_row_once_within_capacity():
         again = packing.pack_epoch(lengths, 1024, seed=7, epoch=epoch)
         assert all((a == b).all() for a, b in zip(groups, again))
     assert [len(s) for s in packing.steps_of(groups, 4)][:-1] == [4] * (len(groups) // 4 - (len(groups) % 4 == 0))
+
+
+def test_the_il_stage_refuses_packing_under_positions_normalisation():
+    from retroact_jax.stages import il
+    from retroact_jax.stages.setup import StageError
+    c = il.default_config()
+    assert c.train.pack and il.pack_capacity(c, (256, 2048)) == 2048
+    c.loss.il_normalization = "positions"
+    with pytest.raises(StageError, match="train.pack=True needs loss.il_normalization='tokens'"):
+        il.pack_capacity(c, (256, 2048))
+    c.train.pack = False
+    assert il.pack_capacity(c, (256, 2048)) == 0
+    c.train.pack, c.loss.il_normalization, c.train.pack_len = True, "tokens", 4096
+    with pytest.raises(StageError, match="pack_len"):
+        il.pack_capacity(c, (256, 2048))
+
+
+def test_role_batches_see_every_row_exactly_once_per_epoch_packed():
+    from retroact_jax.stages.il import RoleBatches
+    lengths = list(np.random.default_rng(3).integers(5, 60, 41))
+    it = RoleBatches(lengths, 2, seed=0, role_index=1, epochs=3, capacity=128)
+    seen = np.zeros(41, int)
+    for _ in range(it.total):
+        for g in it.next():
+            assert sum(lengths[j] for j in g) <= 128
+            seen[g] += 1
+    assert (seen == 3).all() and it.next() == []
