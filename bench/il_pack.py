@@ -14,10 +14,11 @@ prompt tokens excluded).
 
 Timing: SmolLM2-135M (embedded) with LoRA r 8 / alpha 16 / dropout 0.05 on q, v, AdamW, the IL
 stage's train-step options (blockwise attention, head chunk 256), planner rows of ``--data`` only
-(one model, 1 row per step). Side A = the first ``--steps`` steps of the unpacked epoch, side B = the
-first ``--steps`` steps of the packed epoch (rows of up to ``--max-len`` tokens). Each shape is
-compiled first (untimed), then steps run interleaved A B A B; figures are per side: useful
-(trained) tokens/s and non-pad tokens/s = their totals / the side's total step time. The load
+(one model, 1 row per step). The same samples on both sides: the first ``--steps`` packed rows of the
+packed epoch (rows of up to ``--max-len`` tokens); side A trains each of their samples as a row of its
+own (its bucket), side B the packed rows. Each shape is compiled first (untimed), then A and B
+alternate row by row; figures per side: useful (trained) tokens/s and non-pad tokens/s = their
+totals / the side's total step time. The load
 (``os.getloadavg``) is recorded before and after. ``--max-len`` defaults to 1024: a 1 x 2048 LoRA step
 needs ~3.4 GB of XLA temp (bench/README.md), over this machine's per-job budget.
 """
@@ -115,39 +116,43 @@ def timed(args, tok, model) -> dict:
                             head_chunk=256, memory={"attention": "blockwise", "remat": "none"})
     rows = tokenised(args.data, tok, args.max_len)["planner"]
     lens = [min(len(x), args.max_len) for x in rows]
+    # the same samples on both sides: the first --steps packed rows of the epoch; unpacked, each of
+    # their samples is a step of its own
+    it = RoleBatches(lens, 1, 0, 0, 1, args.max_len)
+    packed = [it.next() for _ in range(args.steps)]
+    plans = {"unpacked": [[[[j]] for g in st for j in g] for st in packed], "packed": [[st] for st in packed]}
     sides = {}
-    for label, cap in (("unpacked", 0), ("packed", args.max_len)):
-        it = RoleBatches(lens, 1, 0, 0, 1, cap)
-        steps = [it.next() for _ in range(args.steps)]
-        arrays = [train.collate_step({"planner": [[rows[j] for j in g] for g in st]}, {"planner": 1},
-                                     buckets, 0, max_len=args.max_len)[0] for st in steps]
-        sides[label] = {"arrays": arrays, "times": [], "trained": [int(a["loss_mask_BxT"].sum()) for a in arrays],
-                        "nonpad": [int(a["lengths_B"].sum()) for a in arrays],
-                        "T": [int(a["tokens_BxT"].shape[1]) for a in arrays],
-                        "samples": [sum(len(g) for g in st) for st in steps]}
+    for label, groups in plans.items():   # groups[i] = the steps standing for packed row i
+        arrays = [[train.collate_step({"planner": [[rows[j] for j in g] for g in st]}, {"planner": 1},
+                                      buckets, 0, max_len=args.max_len)[0] for st in steps] for steps in groups]
+        flat = [a for x in arrays for a in x]
+        sides[label] = {"arrays": arrays, "times": [], "trained": sum(int(a["loss_mask_BxT"].sum()) for a in flat),
+                        "nonpad": sum(int(a["lengths_B"].sum()) for a in flat),
+                        "T": [int(a["tokens_BxT"].shape[1]) for a in flat], "n_steps": len(flat)}
     compile_s = {}
     for label, s in sides.items():                     # compile every shape first (untimed)
-        for a in s["arrays"]:
+        for a in [a for x in s["arrays"] for a in x]:
             T = a["tokens_BxT"].shape[1]
             if T not in compile_s:
                 t = time.perf_counter()
                 jax.block_until_ready(learner.step(a)["loss"])
                 compile_s[T] = round(time.perf_counter() - t, 1)
                 log(f"compiled T={T}: {compile_s[T]} s")
-    for i in range(args.steps):                         # interleaved A B A B
+    for i in range(args.steps):                         # interleaved: row i unpacked, row i packed
         for label, s in sides.items():
             t = time.perf_counter()
-            float(learner.step(s["arrays"][i])["loss"])
+            for a in s["arrays"][i]:
+                float(learner.step(a)["loss"])
             s["times"].append(time.perf_counter() - t)
-            log(f"{label} step {i}: T={s['T'][i]} samples={s['samples'][i]} {s['times'][-1]:.2f} s")
+            log(f"{label} row {i}: {len(s['arrays'][i])} steps, {s['times'][-1]:.2f} s")
     out = {"compile_s": compile_s}
     for label, s in sides.items():
         total = sum(s["times"])
-        out[label] = {"steps": args.steps, "seconds": round(total, 2), "T": s["T"], "samples": sum(s["samples"]),
-                      "trained_tok_s": round(sum(s["trained"]) / total, 1),
-                      "nonpad_tok_s": round(sum(s["nonpad"]) / total, 1),
-                      "computed_tok_s": round(sum(a * 1 for a in s["T"]) / total, 1),
-                      "pad": round(1 - sum(s["nonpad"]) / sum(s["T"]), 4)}
+        out[label] = {"steps": s["n_steps"], "seconds": round(total, 2), "T": s["T"],
+                      "trained_tok_s": round(s["trained"] / total, 1),
+                      "nonpad_tok_s": round(s["nonpad"] / total, 1),
+                      "computed_tok_s": round(sum(s["T"]) / total, 1),
+                      "pad": round(1 - s["nonpad"] / sum(s["T"]), 4)}
     out["packed_over_unpacked_trained_tok_s"] = round(out["packed"]["trained_tok_s"] /
                                                       out["unpacked"]["trained_tok_s"], 3)
     return out
@@ -158,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--measure", action="store_true", help="padding shares only (no model, no timing)")
     ap.add_argument("--hotpotqa", action=argparse.BooleanOptionalAction, default=True,
                     help="padding of the HotpotQA gold-expert rows too (runs the gold expert, ~15 s)")
-    ap.add_argument("--measure-data", nargs="+", default=["intercode_il", "alfworld_il"])
+    ap.add_argument("--measure-data", nargs="*", default=["intercode_il", "alfworld_il"])
     ap.add_argument("--data", default="intercode_il", help="released IL file of the timed steps")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per side")
     ap.add_argument("--max-len", type=int, default=1024, help="truncation = packed row length")
