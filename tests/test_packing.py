@@ -117,7 +117,9 @@ def test_the_il_stage_refuses_packing_under_positions_normalisation():
     from retroact_jax.stages import il
     from retroact_jax.stages.setup import StageError
     c = il.default_config()
-    assert c.train.pack and il.pack_capacity(c, (256, 2048)) == 2048
+    assert not c.train.pack and il.pack_capacity(c, (256, 2048)) == 0   # off by default
+    c.train.pack = True
+    assert il.pack_capacity(c, (256, 2048)) == 2048
     c.loss.il_normalization = "positions"
     with pytest.raises(StageError, match="train.pack=True needs loss.il_normalization='tokens'"):
         il.pack_capacity(c, (256, 2048))
