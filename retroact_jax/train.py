@@ -67,7 +67,7 @@ def _filler(B: int, T: int, pad_id: int) -> dict[str, np.ndarray]:
                 loss_mask_BxT=z(bool), reward_BxT=z(np.float32), behaviour_logp_BxT=z(np.float32),
                 behaviour_mask_BxT=z(bool), role_B=np.zeros(B, np.int32),
                 objective_B=np.full(B, losses.OBJECTIVE_IL, np.int32), reward_B=np.zeros(B, np.float32),
-                lengths_B=np.zeros(B, np.int32))
+                lengths_B=np.zeros(B, np.int32), segments_BxT=z(np.int32))
 
 
 def _pad_to(arrays: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -84,6 +84,7 @@ def _pad_to(arrays: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.
 def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows: Mapping[str, int],
                  buckets: Sequence[int], pad_id: int, **collate_kwargs) -> tuple[dict[str, np.ndarray], dict]:
     """One step's arrays: ``rows[role]`` rows per role (planner first), one common length bucket.
+    A row is a sample or a list of samples packed into one row (``batching.collate``).
 
     Returns the arrays and host-side counts (real rows, truncated rows per role).
     """
@@ -93,17 +94,19 @@ def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows
         got = list(samples.get(role, ()))
         if len(got) > B:
             raise TrainError(f"{len(got)} {role} samples for a step of {B} {role} rows")
-        if any(s.sample.role != role for s in got):
+        flat = [s for row in got for s in (row if isinstance(row, (list, tuple)) else (row,))]
+        if any(s.sample.role != role for s in flat):
             raise TrainError(f"a sample in the {role} part of a step has another role")
         if B == 0:
             continue
         if got:
             b = batching.collate(got, buckets, pad_id, batch_size=B, **collate_kwargs)
             parts[role] = b.arrays()
-            stats[role] = {"rows": b.n_rows, "truncated": b.n_truncated, "untrained": b.n_rows_untrained}
+            stats[role] = {"rows": b.n_rows, "truncated": b.n_truncated, "untrained": b.n_rows_untrained,
+                           "samples": b.n_samples}
         else:
             parts[role] = None
-            stats[role] = {"rows": 0, "truncated": 0, "untrained": 0}
+            stats[role] = {"rows": 0, "truncated": 0, "untrained": 0, "samples": 0}
         T = max(T, parts[role]["tokens_BxT"].shape[1] if parts[role] is not None else 0)
     if not parts:
         raise TrainError("a step needs rows for at least one role")
@@ -243,8 +246,9 @@ class Learner:
             # rows of one model are contiguous (planner then reflector), so one forward per model
             a, b = mine[0][1], mine[-1][2]
             sl = lambda x: x[a:b]  # noqa: E731
+            seg = batch.get("segments_BxT")     # packed rows (batching.collate); None: one per row
             h_BxTxD, _ = model.hidden(sl(batch["tokens_BxT"]), sl(batch["positions_BxT"]),
-                                      sl(batch["valid_BxT"]))
+                                      sl(batch["valid_BxT"]), segments_BxT=None if seg is None else sl(seg))
             # the last position predicts no trained token: the head runs on T-1 positions, in chunks
             # of head_chunk positions (never the whole [B, T, V] logits, recomputed in the backward)
             lp, ent = losses.head_logprobs_and_entropy(model.head, h_BxTxD[:, :-1], sl(batch["tokens_BxT"]),
@@ -335,7 +339,7 @@ class Learner:
 
 
 _STEP_KEYS = ("tokens_BxT", "positions_BxT", "valid_BxT", "loss_mask_BxT", "reward_BxT",
-              "behaviour_logp_BxT", "behaviour_mask_BxT", "role_B", "objective_B")
+              "behaviour_logp_BxT", "behaviour_mask_BxT", "role_B", "objective_B", "segments_BxT")
 
 
 class _maybe_mesh:
