@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from retroact_jax import batching, losses, optim, sharding
+from retroact_jax import batching, distributed, losses, optim, sharding
 from retroact_jax.models.decoder import set_memory_options
 
 ROLES = losses.ROLES
@@ -208,12 +208,14 @@ class Learner:
             st_sh = sharding.tree_shardings(self.state, mesh, rules)
             fr_sh = sharding.tree_shardings(frozen, mesh, rules)
             if not self.abstract:
-                self.state = jax.device_put(self.state, st_sh)
-                frozen = jax.device_put(frozen, fr_sh)
+                self.state = distributed.place(self.state, st_sh)
+                frozen = distributed.place(frozen, fr_sh)
                 # the models take the placed frozen weights: samplers / scorers split from them (the
-                # RL behaviour policy) share this one copy, and the unplaced originals are freed
+                # RL behaviour policy) share this one copy, and the unplaced originals are freed.
+                # Several processes: the models keep their local copy (each process samples alone)
                 for r, name in self.role_name.items():
-                    nnx.update(self.models[r], frozen[name])
+                    if distributed.count() == 1:
+                        nnx.update(self.models[r], frozen[name])
             self._batch_sh = {"2": sharding.batch_sharding(mesh, 2), "1": sharding.batch_sharding(mesh, 1)}
             self._jit = jax.jit(self._step_fn, donate_argnums=(0,),
                                 in_shardings=(st_sh, fr_sh, None), out_shardings=(st_sh, None))
@@ -221,6 +223,7 @@ class Learner:
             self._batch_sh = None
             self._jit = jax.jit(self._step_fn, donate_argnums=(0,))
         self._frozen = frozen
+        self._synced = None        # the state last written into the models (sync_models)
 
     # -- the pure step ------------------------------------------------------------------------------
     def _logp(self, params, rngs, frozen, batch):
@@ -299,7 +302,7 @@ class Learner:
                              f"({self.rows})")
         arrays = {k: v for k, v in batch.items() if k in _STEP_KEYS}
         if self._batch_sh is not None:
-            arrays = {k: sharding.to_global(np.asarray(v), self._batch_sh[str(np.ndim(v))])
+            arrays = {k: distributed.global_batch(np.asarray(v), self._batch_sh[str(np.ndim(v))])
                       for k, v in arrays.items()}
         with _maybe_mesh(self.mesh):
             self.state, metrics = self._jit(self.state, self._frozen, arrays)
@@ -319,11 +322,16 @@ class Learner:
             self.check(self._latest, self.step_count)
 
     def sync_models(self) -> None:
-        """Write the trained parameters back into the NNX models (for sampling, scoring, export)."""
+        """Write the trained parameters back into the NNX models (for sampling, scoring, export);
+        with several processes, as local copies (a collective: every process calls it)."""
+        if self._synced is self.state:
+            return
         for name in self.names:
+            params, rngs = distributed.local_copy((self.state["params"][name], self.state["rngs"][name]))
             for r in ROLES:
                 if self.role_name.get(r) == name:
-                    nnx.update(self.models[r], self.state["params"][name], self.state["rngs"][name])
+                    nnx.update(self.models[r], params, rngs)
+        self._synced = self.state
 
     @property
     def step_count(self) -> int:
