@@ -75,6 +75,7 @@ def get_config():
     c.il.train.buckets = "512,1024,1536" # padded row lengths (one compile each)
     c.il.train.epochs = 1                # one pass at most; max_steps cuts it for the budget
     c.il.train.max_steps = 150           # steps per IL stage (1 row per role per step)
+    c.il.train.pack = False              # one sample per row, as budgeted (packed: ~2.5x samples per step, each a full row)
     c.il.train.observations = "masked"   # train the thoughts / actions / reflections only
     c.il.train.eval_every = 150          # held-out loss before and after only
     c.il.train.log_every = 10            # train metrics every n steps
