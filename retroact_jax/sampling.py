@@ -81,7 +81,7 @@ class Completion:
 
 
 # --------------------------------------------------------------------------- pure traced functions
-SCORES_BUDGET = 64 * 2 ** 20   # bytes of one layer's [B, heads, T, S] float32 scores in an extension
+SCORES_BUDGET = 256 * 2 ** 20   # bytes of one layer's [B, heads, T, S] float32 scores in an extension
 
 
 def sub_chunk(batch: int, heads: int, t: int, slots: int, budget: int | None = None) -> int:

@@ -188,7 +188,7 @@ def test_extend_then_decode_equals_decode_from_full_prefill(model):
 def test_long_extension_in_query_sub_chunks_equals_one_pass(model, monkeypatch):
     """An extension whose scores pass the budget runs as a scan over query sub-chunks: the same
     cache, positions and next-token logits as one pass (prefill, then an extension with holes)."""
-    assert sampling.sub_chunk(32, 9, 1024, 4096) == 16 and sampling.sub_chunk(4, 9, 1024, 2048) == 128
+    assert sampling.sub_chunk(32, 9, 1024, 4096) == 32 and sampling.sub_chunk(4, 9, 1024, 2048) == 512
     assert sampling.sub_chunk(1, 9, 40, 64, budget=1) == 10 and sampling.sub_chunk(1, 9, 48, 64, budget=1) == 12
     outs = []
     for budget in (sampling.SCORES_BUDGET, 1):          # 1 byte: every extension of > 16 tokens splits
