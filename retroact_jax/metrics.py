@@ -164,6 +164,16 @@ class MetricsWriter:
         self.close()
 
 
+class NullWriter:
+    """``MetricsWriter``'s interface, writing nothing (processes other than 0 of a multi-host run)."""
+
+    def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]

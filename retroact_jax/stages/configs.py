@@ -69,6 +69,11 @@ def il_config() -> mlc.ConfigDict:
     c.train.rows_planner = 1          # planner rows per step (the original: batch 1)
     c.train.rows_reflector = 1
     c.train.buckets = "256,512,1024,2048"  # padded row lengths (one compile each)
+    # several short rows per padded row (packing.py; needs il_normalization=tokens). Off by default:
+    # the original trains one sample per optimizer step (batch 1), packing makes each step carry
+    # several, and it measured 1.02x useful tokens/s (bench/README.md "bench/il_pack.py")
+    c.train.pack = False
+    c.train.pack_len = 0              # tokens per packed row (0: the largest bucket)
     c.train.observations = "trained"  # trained (original: whole output) | masked
     c.train.mesh = ""                 # e.g. "data=2,fsdp=-1" ("" single device)
     c.train.log_every = 10
