@@ -74,7 +74,7 @@ TRAIN_SETTINGS = (("before", 0, "default", "none"), ("head_chunk", 256, "default
 def part_train(source: str, settings, shapes) -> dict:
     from retroact_jax import train
     from retroact_jax.models.lora import LoRAConfig
-    from retroact_jax import stages
+    from retroact_jax.stages import setup as stages
     out = {}
     lcfg = LoRAConfig(rank=8, alpha=16, dropout=0.05, target_modules=("q_proj", "v_proj"))
     for shape in shapes:
@@ -95,7 +95,8 @@ def part_train(source: str, settings, shapes) -> dict:
 
 
 def part_score(source: str) -> dict:
-    from retroact_jax import scoring, stages
+    from retroact_jax import scoring
+    from retroact_jax.stages import setup as stages
     from retroact_jax.models.decoder import set_memory_options
     models, _, _ = stages.load_models(source, roles=("planner",))
     model = models["planner"]
@@ -118,7 +119,8 @@ def part_sample(source: str) -> dict:
     in flight), with the full-scores attention and the blockwise one (a prefill of 512 tokens into a
     2048 cache at batch 32 holds [32, 9, 512, 2048] float32 scores = 1.2 GB)."""
     from flax import nnx
-    from retroact_jax import sampling, stages
+    from retroact_jax import sampling
+    from retroact_jax.stages import setup as stages
     from retroact_jax.models.decoder import KVCache, set_memory_options
     models, _, cfg = stages.load_models(source, roles=("planner",))
     model = models["planner"]
