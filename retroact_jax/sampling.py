@@ -81,13 +81,41 @@ class Completion:
 
 
 # --------------------------------------------------------------------------- pure traced functions
+SCORES_BUDGET = 256 * 2 ** 20   # bytes of one layer's [B, heads, T, S] float32 scores in an extension
+
+
+def sub_chunk(batch: int, heads: int, t: int, slots: int, budget: int | None = None) -> int:
+    """Queries per pass of an extension of ``t`` tokens into ``slots`` cache slots: ``t`` halved
+    (while it divides) until one layer's float32 scores fit ``budget`` (default ``SCORES_BUDGET``;
+    at least 16 queries)."""
+    budget = SCORES_BUDGET if budget is None else budget
+    sub = t
+    while sub % 2 == 0 and sub > 16 and batch * heads * sub * slots * 4 > budget:
+        sub //= 2
+    return sub
+
+
 def _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT):
-    """Write T (left-padded) tokens per row; rows with no new token keep their logits."""
+    """Write T (left-padded) tokens per row; rows with no new token keep their logits. A long
+    extension runs as a scan over query sub-chunks (``sub_chunk``): each query sees the same slots
+    and the same math, but the default attention's [B, heads, T, S] scores are a sub-chunk's (a
+    1024-token prefill at batch 32 into 4096 slots: 4.8 GB per layer otherwise)."""
     TRACE_COUNTS["extend"] += 1
+    b, t = tokens_BxT.shape
     model = nnx.merge(graphdef, params)
-    logits, cache = model(tokens_BxT, positions_after(cache, valid_BxT), valid_BxT, cache=cache,
-                          last_only=True)
-    return cache, jnp.where(valid_BxT[:, -1:], logits, last_logits_BxV)
+    sub = sub_chunk(b, model.cfg.num_heads, t, cache.length)
+
+    def run(cache, last_BxV, tok_BxC, val_BxC):
+        logits, cache = nnx.merge(graphdef, params)(tok_BxC, positions_after(cache, val_BxC), val_BxC,
+                                                    cache=cache, last_only=True)
+        return cache, jnp.where(val_BxC[:, -1:], logits, last_BxV)
+
+    if sub == t:
+        return run(cache, last_logits_BxV, tokens_BxT, valid_BxT)
+    split = lambda a: a.reshape(b, t // sub, sub).transpose(1, 0, 2)  # noqa: E731  [n, B, sub]
+    (cache, logits), _ = jax.lax.scan(lambda c, xs: (run(*c, *xs), None), (cache, last_logits_BxV),
+                                      (split(tokens_BxT), split(valid_BxT)))
+    return cache, logits
 
 
 def _nucleus(scaled_BxV, top_p):

@@ -121,7 +121,7 @@ def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows
 
 
 # ------------------------------------------------------------------------------------ memory settings
-ATTENTIONS, REMATS = ("default", "dot_product", "blockwise"), ("none", "dots", "full")
+ATTENTIONS, REMATS = ("default", "dot_product", "blockwise"), ("none", "dots", "full", "layer")
 
 
 def memory_kwargs(train_cfg: Any) -> dict:

@@ -263,7 +263,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def remat_policy(name: str):
     """``jax.checkpoint`` policy of ``ModelConfig.remat`` (None = no rematerialisation)."""
     policies = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                "full": jax.checkpoint_policies.nothing_saveable}
+                "full": jax.checkpoint_policies.nothing_saveable, "layer": None}   # layer: recompute.py
     if name not in policies:
         raise ValueError(f"remat {name!r}: choose one of {tuple(policies)}")
     return policies[name]

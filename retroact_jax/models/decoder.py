@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retroact_jax.models import attention as attn_lib
+from retroact_jax.models import recompute
 from retroact_jax.models.attention import Mask
 from retroact_jax.models.config import ModelConfig
 from retroact_jax.models.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: F401
@@ -292,6 +293,8 @@ class Decoder(nnx.Module):
             for layer in self.layers:
                 if self.cfg.remat == "none":
                     x, _ = layer(x, cos, sin, mask, full, impl=impl, block=block)
+                elif self.cfg.remat == "layer":
+                    x = recompute.layer_call(layer, x, cos, sin, mask, full, impl, block)
                 else:
                     x = _remat_layer(layer, x, cos, sin, mask, full, impl, block, policy)
                 x = _shard_batch(x)
