@@ -23,6 +23,8 @@ _COORDINATOR = flags.DEFINE_string(
     "unset on a single host")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "multi-host: a process silent this long stops every process")
 _COMPILE_CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/retroact_jax/xla",
     "persistent XLA compilation cache directory ('' = off): later runs skip recompiling")
@@ -37,7 +39,8 @@ def main(argv) -> None:
         c = cli.load_config(_CONFIG)
         pipeline.resolve(c)
         validate.validate(c)
-    cli.init_jax(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _COMPILE_CACHE.value)
+    cli.init_jax(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _COMPILE_CACHE.value,
+                 heartbeat_timeout_s=_HEARTBEAT.value)
     from retroact_jax import metrics
     metrics.compile_counters()          # count compile time from before the first stage
     with cli.user_errors():

@@ -111,3 +111,30 @@ def local_copy(tree: Any) -> Any:
             return jax.random.wrap_key_data(jax.device_put(data, dev), impl=jax.random.key_impl(x))
         return jax.device_put(np.asarray(mu.process_allgather(x, tiled=True)), dev)
     return jax.tree.map(one, tree)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for the others (e.g. until process 0 has written a shared file)."""
+    if count() > 1:
+        from jax.experimental import multihost_utils as mu
+        mu.sync_global_devices(name)
+
+
+def on_main(fn, to_json=lambda x: x, from_json=lambda x: x) -> Any:
+    """``fn()`` run by process 0 alone (work done once, e.g. expert rollouts writing shared files);
+    every process gets its result, passed through JSON (``to_json`` / ``from_json``) so that all
+    hold the same value. An error on process 0 is raised on every process."""
+    if count() == 1:
+        return fn()
+    out, err, exc = None, None, None
+    if is_main():
+        try:
+            out = to_json(fn())
+        except Exception as e:          # noqa: BLE001 (re-raised below, after telling the others)
+            err, exc = f"{type(e).__name__}: {e}", e
+    got = agree({"out": out, "error": err})
+    if exc is not None:
+        raise exc
+    if got["error"]:
+        raise RuntimeError(f"process 0 failed: {got['error']}")
+    return from_json(got["out"])

@@ -166,12 +166,17 @@ def plot(curves: Sequence[tuple[str, Mapping]], path: str | os.PathLike) -> None
     plt.close(fig)
 
 
+def results_row(summary: Mapping, backbone: str, method: str, extra: Mapping | None = None) -> dict:
+    """What ``write_outputs`` writes to results.json."""
+    return {**summary, "backbone": backbone, "method": method, **(extra or {})}
+
+
 def write_outputs(run_dir: str | os.PathLike, summary: Mapping, backbone: str, method: str,
                   extra: Mapping | None = None) -> None:
     """One method's results: results.json, results.md, metrics.png."""
     d = pathlib.Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    res = {**summary, "backbone": backbone, "method": method, **(extra or {})}
+    res = results_row(summary, backbone, method, extra)
     (d / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (d / "results.md").write_text(table2([(backbone, method, {summary["env"]: summary})]) + "\n")
     plot([(method, summary)], d / "metrics.png")

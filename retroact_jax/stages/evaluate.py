@@ -6,7 +6,9 @@ method says (``methods.Method.reflector``): trained (its export), prompted (the 
 few-shot exemplars, Reflexion) or absent (one trial; the score carries over to trial K, so
 IR = FR = AR). ``model.policy = "scripted-gold"`` plays the benchmark's gold script instead (an
 end-to-end check of env, loop and metrics). Outputs in ``<method dir>/eval/``: trajectories.jsonl
-(resumable), results.json, results.md, metrics.png.
+(resumable), results.json, results.md, metrics.png. Several processes (README "Several hosts"):
+each plays task ``i mod N`` of the list in ``eval/process-<p>-of-<N>/`` (resumable), the records
+are gathered and process 0 writes trajectories.jsonl (all of them) and the results.
 
 ``config.eval.compare`` evaluates earlier models of the same run on the same tasks as well, each
 with the method's agent: ``base`` (``config.model``, untrained) and ``il`` (the IL exports), in
@@ -17,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 from typing import Any
 
-from retroact_jax import benchmarks, evaluation
+from retroact_jax import benchmarks, distributed, evaluation
 from retroact_jax.stages import StageError
 from retroact_jax.stages import holdout, methods as methods_lib
 from retroact_jax.stages.configs import as_list
@@ -161,19 +164,38 @@ def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
         memory_last="default" if c.eval.memory_last < 0 else c.eval.memory_last)
     out = eval_dir(method_dir, model)
     out.mkdir(parents=True, exist_ok=True)
-    summary = rollout.evaluate(c.env, split, indices, planner, reflector, cfg, out,
-                               summary_trials=int(c.eval.trials), env_backend=c.eval.env_backend or bench.env_backend,
-                               planner_examples=p_ex, reflector_examples=r_ex, show_progress=c.eval.progress)
-    stats = {role: dict(p.stats) for role, p in (("planner", planner), ("reflector", reflector))
-             if p is not None and hasattr(p, "stats")}
-    evaluation.write_outputs(out, summary, backbone_name(c), m.row_label(multi_agent),
-                             {"run": m.run_name(multi_agent), "policy_stats": stats,
-                              "reflector": m.reflector, "trials_per_task": cfg.trials, "model": model,
-                              "sources": _sources(c, m, model, method_dir, il_dir)})
+    # several processes: each plays its share of the tasks (in out/process-<p>-of-<N>/), the records
+    # are gathered and process 0 writes them in (task, trial) order with the results
+    recs, summary = rollout.evaluate_shared(
+        c.env, split, indices, planner, reflector, cfg, out, summary_trials=int(c.eval.trials),
+        env_backend=c.eval.env_backend or bench.env_backend, planner_examples=p_ex,
+        reflector_examples=r_ex, show_progress=c.eval.progress)
+    stats = _gathered_stats({role: dict(p.stats) for role, p in (("planner", planner), ("reflector", reflector))
+                             if p is not None and hasattr(p, "stats")})
+    extra = {"run": m.run_name(multi_agent), "policy_stats": stats, "reflector": m.reflector,
+             "trials_per_task": cfg.trials, "model": model, "sources": _sources(c, m, model, method_dir, il_dir)}
+    if distributed.is_main():
+        if distributed.count() > 1:
+            _write_records(out / "trajectories.jsonl", recs)
+        evaluation.write_outputs(out, summary, backbone_name(c), m.row_label(multi_agent), extra)
     log.info("%s (%s model): %s, valid actions %s", m.run_name(multi_agent), model, json.dumps(
         {k: {x: round(v[x], 2) for x in ("IR", "FR", "AR")} for k, v in summary["metrics"].items()}),
         summary["actions"]["valid_rate"])
-    return json.loads((out / "results.json").read_text())
+    return json.loads(json.dumps(evaluation.results_row(summary, backbone_name(c), m.row_label(multi_agent), extra)))
+
+
+def _gathered_stats(stats: dict) -> dict:
+    """The sampler counters of every process, summed (this process's alone with one)."""
+    parts = distributed.allgather_json(stats)
+    return {role: {k: sum(p[role].get(k, 0) for p in parts) for k in sorted({k for p in parts for k in p[role]})}
+            for role in parts[0]}
+
+
+def _write_records(path: pathlib.Path, recs: list[dict]) -> None:
+    """Every process's trial records as one trajectories.jsonl (written whole, then renamed)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _sources(c: Any, m: methods_lib.Method, model: str, method_dir: pathlib.Path, il_dir: pathlib.Path) -> dict:

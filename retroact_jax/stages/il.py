@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from retroact_jax import batching, losses, metrics as metrics_lib, packing, train
+from retroact_jax import batching, distributed, losses, metrics as metrics_lib, packing, train
 from retroact_jax.stages import expert as expert_lib
 from retroact_jax.stages import holdout
 from retroact_jax.stages import samples as samples_lib
@@ -77,7 +77,13 @@ def load_samples(c: Any, workdir: pathlib.Path) -> tuple[dict[str, list[batching
     expert_lib.check(_list(c.data.expert_envs), ecfg)          # every env before any expert runs
     for env in _list(c.data.expert_envs):
         skip = tuple(held.indices) if held and held.env == env else ()
-        pl, rf, n = expert_lib.expert_il_data(env, workdir / "expert", dataclasses.replace(ecfg, exclude=skip))
+        # several processes: process 0 plays (or reads back) the expert and writes its files
+        pl, rf, n = distributed.on_main(
+            lambda: expert_lib.expert_il_data(env, workdir / "expert", dataclasses.replace(ecfg, exclude=skip)),
+            lambda got: [[samples_lib.sample_to_json(s) for s in got[0]],
+                         [samples_lib.sample_to_json(s) for s in got[1]], got[2]],
+            lambda js: ([samples_lib.sample_from_json(x) for x in js[0]],
+                        [samples_lib.sample_from_json(x) for x in js[1]], js[2]))
         by_role["planner"] += pl
         by_role["reflector"] += rf
         counts[f"expert:{env}"] = n
@@ -313,7 +319,8 @@ def _train(c, workdir, t, data, iters, rows, buckets, collate_kw, total) -> dict
         if eval_every > 0 and start < total:
             evaluate(total)
         elif last_eval is None:          # a finished run restarted: its last held-out figures
-            ev = [r for r in metrics_lib.read_jsonl(writer.path) if r.get("split") == "eval"]
+            ev = distributed.agree([r for r in metrics_lib.read_jsonl(writer.path) if r.get("split") == "eval"]
+                                   if distributed.is_main() else None)     # process 0 writes metrics
             last_eval = ({k: v for k, v in ev[-1].items() if k not in ("step", "split", "time")}
                          if ev else None)
         exported = setup.finish(t, c, workdir)

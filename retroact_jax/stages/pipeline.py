@@ -12,6 +12,10 @@ For each method of ``config.methods`` (or ``config.method``) the pipeline runs t
 
 A stage that finished with the same stage config is skipped on a rerun (its summary and
 ``stage_config.json`` say so); an unfinished one resumes from its checkpoints and trajectory files.
+Several processes (README "Several hosts"): every process runs every stage (the stages divide their
+work), process 0 alone writes the pipeline's files (config.json, stages.json, stage_config.json,
+compare.md, results.*), every decision to skip is process 0's, and the processes wait for each other
+after each stage, so the next one reads what the last one wrote.
 The run-time fields of each stage's config are derived here from the top-level config
 (``stage_config``): model sources, roles, the RL method, the IL data of the env.
 """
@@ -24,8 +28,8 @@ from typing import Any
 
 import ml_collections as mlc
 
-from retroact_jax import benchmarks, evaluation
-from retroact_jax.stages import evaluate, methods as methods_lib
+from retroact_jax import benchmarks, distributed, evaluation
+from retroact_jax.stages import StageError, evaluate, methods as methods_lib
 from retroact_jax.stages.configs import apply_schedule, as_list
 
 log = logging.getLogger(__name__)
@@ -98,7 +102,12 @@ def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
 
 def _finished(d: pathlib.Path, name: str, cfg: dict) -> bool:
     f = d / "stage_config.json"
-    return (d / f"{name}_summary.json").exists() and f.exists() and json.loads(f.read_text()) == cfg
+    return distributed.agree((d / f"{name}_summary.json").exists() and f.exists() and json.loads(f.read_text()) == cfg)
+
+
+def _write(path: pathlib.Path, text: str) -> None:
+    if distributed.is_main():
+        path.write_text(text)
 
 
 def _measured(c: Any, name: str, fn, *args, **kw):
@@ -108,10 +117,11 @@ def _measured(c: Any, name: str, fn, *args, **kw):
     with metrics.StageMemory(name) as mem:
         out = fn(*args, **kw)
     log.info("%s", mem.line())
-    path = pathlib.Path(c.run_dir) / "stages.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old[name] = mem.summary
-    path.write_text(json.dumps(old, indent=2) + "\n")
+    path = pathlib.Path(c.run_dir) / "stages.json"      # process 0's figures
+    if distributed.is_main():
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old[name] = mem.summary
+        path.write_text(json.dumps(old, indent=2) + "\n")
     return out
 
 
@@ -126,7 +136,8 @@ def run_training(c: Any, stage: str, m: methods_lib.Method) -> None:
         return
     d.mkdir(parents=True, exist_ok=True)
     summary = _measured(c, f"{d.relative_to(c.run_dir)}", il.run_il if stage == "il" else rl.run_rl, sc, d)
-    (d / "stage_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    _write(d / "stage_config.json", json.dumps(cfg, indent=2, default=str) + "\n")
+    distributed.barrier(f"{d} finished")          # its summary and exports are on disk for all
     log.info("%s: %s", stage, json.dumps({k: summary.get(k) for k in ("steps", "iterations", "export")}))
 
 
@@ -143,13 +154,14 @@ def run_eval(c: Any, m: methods_lib.Method, model: str = "trained") -> dict:
     d = method_dir(c, m)
     out = evaluate.eval_dir(d, model)
     f = out / "stage_config.json"
-    if (out / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c):
+    if distributed.agree((out / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c)):
         log.info("%s: eval finished in %s, skipped", m.name, out)
-    else:
-        _measured(c, f"{m.run_name(m.multi_agent(c.multi_agent))}/{out.name}", evaluate.run_eval, c, m, d,
-                  il_dir(c, m), multi_agent=m.multi_agent(c.multi_agent), model=model)
-        f.write_text(json.dumps(eval_config(c), indent=2) + "\n")
-    return json.loads((out / "results.json").read_text())
+        return distributed.agree(json.loads((out / "results.json").read_text()) if distributed.is_main() else None)
+    got = _measured(c, f"{m.run_name(m.multi_agent(c.multi_agent))}/{out.name}", evaluate.run_eval, c, m, d,
+                    il_dir(c, m), multi_agent=m.multi_agent(c.multi_agent), model=model)
+    _write(f, json.dumps(eval_config(c), indent=2) + "\n")
+    distributed.barrier(f"{out} finished")
+    return got
 
 
 def compare(c: Any, m: methods_lib.Method, results: dict) -> str:
@@ -159,7 +171,7 @@ def compare(c: Any, m: methods_lib.Method, results: dict) -> str:
     head = (f"{m.row_label(m.multi_agent(c.multi_agent))} on {s['env']} ({s['num_tasks']} tasks x {s['trials']} "
             f"trials): the same agent with each model, x100\n\n")
     text = head + evaluation.compare_table(rows)
-    (method_dir(c, m) / "compare.md").write_text(text)
+    _write(method_dir(c, m) / "compare.md", text)
     return text
 
 
@@ -174,24 +186,37 @@ def run_method(c: Any, m: methods_lib.Method) -> dict | None:
         if len(got) > 1:
             print(compare(c, m, got))
     res = d / "eval" / "results.json"
-    return json.loads(res.read_text()) if res.exists() else None
+    return distributed.agree(json.loads(res.read_text()) if distributed.is_main() and res.exists() else None)
+
+
+def _check_meshes(c: Any) -> None:
+    """Several processes train one model together: each training stage needs a mesh over them."""
+    if distributed.count() == 1:
+        return
+    for name in method_names(c):
+        for stage in stages_of(c, methods_lib.get(name)):
+            if stage != "eval" and not c[stage].train.mesh:
+                raise StageError(
+                    f"config.{stage}.train.mesh is '' (one device) but {distributed.count()} processes "
+                    f"run: set one over all of them, e.g. --config.{stage}.train.mesh=fsdp=-1")
 
 
 def run(c: Any) -> list[dict]:
     """Every configured method; the evaluated ones merged into ``<run_dir>/results.*``."""
     run_dir = pathlib.Path(c.run_dir)
+    _check_meshes(c)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+    _write(run_dir / "config.json", c.to_json_best_effort(indent=2) + "\n")
     results = []
     for name in method_names(c):
         log.info("method %s", name)
         got = run_method(c, methods_lib.get(name))
         if got is not None:
             results.append(got)
-    if results:
+    if results and distributed.is_main():
         evaluation.write_table(run_dir, results)
         print((run_dir / "results.md").read_text())
-    if results and c.publish:
+    if results and c.publish and distributed.is_main():
         from retroact_jax.stages import publish
         log.info("published the table's artifacts in %s", publish.publish(c, results))
     return results
