@@ -128,7 +128,11 @@ def _seq_stopped(recent_BxL, stop_SxL):
 
 
 def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B, stop_mask_V, stop_SxL,
-            eos_E, temperature, top_p, *, n_max: int, pad_id: int):
+            eos_E, temperature, top_p, recent_BxL=None, *, n_max: int, pad_id: int):
+    """Up to ``n_max`` steps; returns (cache, logits, tokens, logp, count, stopped_B, recent_BxL):
+    ``stopped_B`` = the row ended on a stop / eos token or sequence (not on its budget),
+    ``recent_BxL`` = its last generated tokens (pass them back to continue a row's stop sequences
+    in a later call, ``decode_segments.py``)."""
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params)
     b = max_new_B.shape[0]
@@ -141,7 +145,7 @@ def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B,
         return (i < n_max) & ~jnp.all(done)
 
     def body(c):
-        i, cache, logits, tokens, logp, done, count, key, recent = c
+        i, cache, logits, tokens, logp, done, count, key, recent, halted = c
         key, sub = jax.random.split(key)
         early_B = i < min_new_B                                   # min_new_tokens not reached yet
         tok, lp = _pick(logits, sub, temperature, top_p, early_B[:, None] & ends_V[None, :])
@@ -157,13 +161,14 @@ def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B,
         logits = jnp.where(live[:, None], new_logits, logits)
         done = done | stopped | (i + 1 >= max_new_B)
         return (i + 1, cache, logits, tokens, logp, done, count + live.astype(jnp.int32), key,
-                recent)
+                jnp.where(live[:, None], recent, c[8]), halted | (stopped & live))
 
-    recent0 = jnp.full((b, stop_SxL.shape[1]), -2, jnp.int32)     # matches no sequence position
+    if recent_BxL is None:
+        recent_BxL = jnp.full((b, stop_SxL.shape[1]), -2, jnp.int32)   # matches no sequence position
     init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, tokens0, logp0, max_new_B <= 0,
-            jnp.zeros((b,), jnp.int32), key, recent0)
-    _, cache, logits, tokens, logp, _, count, _, _ = jax.lax.while_loop(cond, body, init)
-    return cache, logits, tokens, logp, count
+            jnp.zeros((b,), jnp.int32), key, recent_BxL, jnp.zeros((b,), bool))
+    _, cache, logits, tokens, logp, _, count, _, recent, halted = jax.lax.while_loop(cond, body, init)
+    return cache, logits, tokens, logp, count, halted, recent
 
 
 def _prefill_decode(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT, key,
@@ -171,7 +176,7 @@ def _prefill_decode(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_
     TRACE_COUNTS["prefill_decode"] += 1
     cache, logits = _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT)
     return _decode(graphdef, params, cache, logits, key, max_new_B, min_new_B, stop_mask_V, stop_SxL,
-                   eos_E, temperature, top_p, n_max=n_max, pad_id=pad_id)
+                   eos_E, temperature, top_p, n_max=n_max, pad_id=pad_id)[:5]
 
 
 def _grow(cache: KVCache, length: int) -> KVCache:
@@ -182,12 +187,24 @@ def _grow(cache: KVCache, length: int) -> KVCache:
                    valid_BxS=jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))), end=cache.end)
 
 
+def _compact(cache: KVCache, idx_BxL, n_B) -> KVCache:
+    """Row b keeps the slots ``idx_BxL[b, :n_B[b]]`` (in order) at slots 0..n_B[b]-1; the rest
+    are invalid, the write cursor is ``max(n_B)``. Keys carry their RoPE already and positions
+    count valid slots, so the kept tokens attend and continue exactly as before."""
+    TRACE_COUNTS["compact"] += 1
+    take = lambda a: jnp.take_along_axis(a, idx_BxL[:, :, None, None], axis=1)
+    valid = jnp.arange(idx_BxL.shape[1], dtype=jnp.int32)[None, :] < n_B[:, None]
+    return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)), valid_BxS=valid,
+                   end=jnp.max(n_B).astype(jnp.int32))
+
+
 _extend_jit = jax.jit(_extend, static_argnums=0, donate_argnums=(2, 3))
 _decode_jit = jax.jit(_decode, static_argnums=0, static_argnames=("n_max", "pad_id"),
                       donate_argnums=(2, 3))
 _prefill_decode_jit = jax.jit(_prefill_decode, static_argnums=0,
                               static_argnames=("n_max", "pad_id"), donate_argnums=(2, 3))
 _grow_jit = jax.jit(_grow, static_argnums=1)   # new shapes: donation would not help
+_compact_jit = jax.jit(_compact)
 
 
 # ------------------------------------------------------------------------------------ host side
@@ -324,10 +341,34 @@ class Sampler:
                                     tokens, valid)
         return state.replace(cache=cache, last_logits_BxV=logits)
 
+    def compact(self, state: SamplerState, keep: Sequence[Sequence[int]], reserve: int = 0) -> SamplerState:
+        """Drop every hole: row i keeps its slots ``keep[i]`` (in order) at slots 0..len-1 of a
+        cache in the length bucket of ``max(len(keep[i])) + reserve`` (a gather, ``_compact``)."""
+        if len(keep) != state.num_rows:
+            raise SamplerError(f"compact() got {len(keep)} rows, the state has {state.num_rows}")
+        n = max([len(k) for k in keep] + [0])
+        length = bucket(max(n + int(reserve), 1), self.length_buckets, "KV cache length (compacted)")
+        idx = np.zeros((state.cache.batch, length), np.int32)
+        counts = np.zeros((state.cache.batch,), np.int32)
+        for i, k in enumerate(keep):
+            k = np.asarray(k, np.int64).reshape(-1)
+            if k.size and (k.min() < 0 or k.max() >= state.cache.length):
+                raise SamplerError(f"compact(): row {i} keeps slots outside [0, {state.cache.length})")
+            idx[i, :k.size], counts[i] = k, k.size
+        return state.replace(cache=_compact_jit(state.cache, jnp.asarray(idx), jnp.asarray(counts)))
+
     def generate(self, state: SamplerState, key=None, max_new_tokens=32, *, temperature=0.0, top_p=1.0,
-                 stop_mask=None, stop_seqs=None, eos_ids=None, min_new_tokens=0) -> tuple[SamplerState, Completion]:
+                 stop_mask=None, stop_seqs=None, eos_ids=None, min_new_tokens=0,
+                 segment: int = 0, shrink: int = 4) -> tuple[SamplerState, Completion]:
         """Continue every row (``max_new_tokens``: int or one per row; 0 = leave the row alone;
-        ``min_new_tokens``: int or one per row, see the module docstring)."""
+        ``min_new_tokens``: int or one per row, see the module docstring). ``segment`` > 0: that
+        many steps per call, running rows moved to a smaller batch (``decode_segments.py``)."""
+        if segment:
+            from retroact_jax.decode_segments import generate_segments
+            return generate_segments(self, state, key, max_new_tokens, temperature=temperature,
+                                     top_p=top_p, stop_mask=stop_mask, stop_seqs=stop_seqs,
+                                     eos_ids=eos_ids, min_new_tokens=min_new_tokens,
+                                     segment=segment, shrink=shrink)
         mx = self._budgets(max_new_tokens, state.num_rows, state.cache.batch)
         mn = self._budgets(min_new_tokens, state.num_rows, state.cache.batch, "min_new_tokens")
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
@@ -335,7 +376,7 @@ class Sampler:
         args = self._decode_args(key, mx, mn, stop_mask, stop_seqs, eos_ids, temperature, top_p)
         cache, logits, tokens, logp, lengths = _decode_jit(
             self.graphdef, self.params, state.cache, state.last_logits_BxV, *args,
-            n_max=n_max, pad_id=self.pad_id)
+            n_max=n_max, pad_id=self.pad_id)[:5]
         state = state.replace(cache=cache, last_logits_BxV=logits)
         return state, self._completion(state, tokens, logp, lengths, mx)
 
