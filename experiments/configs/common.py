@@ -17,7 +17,7 @@ def base(env: str) -> mlc.ConfigDict:
     from retroact_jax.stages import configs
     c = mlc.ConfigDict()
     c.env = env                      # hotpotqa | alfworld | intercode_sql | intercode_bash
-    c.split = ""                     # evaluation split ("" = the paper's: test / valid_unseen)
+    c.split = ""                     # evaluation split ("" = the paper's: test / valid_unseen; validation)
     c.method = "retroact"            # react | reflexion | sft | sft_ei | sft_rl | retroact (README table)
     c.methods = ""                   # comma list: several methods, one table ("" = config.method)
     c.multi_agent = True             # False: single agent, one model for both roles (retroact only)
@@ -25,12 +25,17 @@ def base(env: str) -> mlc.ConfigDict:
     c.rl_schedule = ""               # "" = rl.train / rl.optimizer as set; original | iterated
     c.run_dir = ""                   # outputs ("" = runs/<env>): per method dirs + results.{json,md}
     c.backbone = ""                  # the table rows' backbone label ("" = the planner source's name)
+    c.publish = ""                   # also copy the table's artifacts here (results/..., publish.py; "" = off)
+
+    c.validation = mlc.ConfigDict()  # a seeded slice of the train split for tuning, never trained on
+    c.validation.num_tasks = 0       #   its size (0 = none); evaluate it with split=validation
+    c.validation.seed = 0            #   which tasks
 
     c.model = mlc.ConfigDict()
     c.model.planner = "embedded"     # "embedded" (SmolLM2-135M-Instruct), HF dir, .gguf, "tiny-random"
     c.model.reflector = ""           # "" = the planner's source; else another (two backbones)
-    c.model.planner_lora = ""        # LoRA adapter dir on the untrained planner ("" = none)
-    c.model.reflector_lora = ""      # LoRA adapter dir on the untrained reflector ("" = none)
+    c.model.planner_lora = ""        # PEFT LoRA dirs on the untrained planner, comma list merged in turn ("" none)
+    c.model.reflector_lora = ""      # the same for the reflector (published Table 2 adapters: IL, then RL)
     c.model.param_dtype = "float32"  # float32 on CPU (bf16 is slower there), bfloat16 on accelerators
     c.model.attention = "default"    # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any backend)
     c.model.min_new_tokens = 0       # no stop/EOS in a completion's first n tokens (vLLM min_tokens);
@@ -66,6 +71,7 @@ def base(env: str) -> mlc.ConfigDict:
     for stage in (c.il, c.rl):
         for k in _DERIVED_MODEL:
             del stage.model[k]
+        del stage["validation"]      # = the top-level c.validation, per run
     del c.il.data["roles"], c.rl["env"], c.rl["method"]
     c.il.data.released = "auto"      # auto = RetroAct's file where released (ALFWorld, InterCode-SQL)
     c.il.data.expert_envs = "auto"   # auto = the expert on the env's train split where none is released

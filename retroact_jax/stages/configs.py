@@ -42,6 +42,10 @@ def il_config() -> mlc.ConfigDict:
     c.model.lora_alpha = 16.0
     c.model.lora_dropout = 0.05
     c.model.lora_targets = "q_proj,v_proj"
+    c.validation = mlc.ConfigDict()   # the validation slice of the train split, never trained on (holdout.py)
+    c.validation.env = ""             # the env whose train split it slices ("" = none)
+    c.validation.num_tasks = 0        # its size (0 = none)
+    c.validation.seed = 0             # which tasks (a seeded permutation of the train split)
     c.data = mlc.ConfigDict()
     c.data.roles = "planner,reflector"  # roles trained
     c.data.released = "alfworld_il"   # comma list of released files ("" none): alfworld_il, intercode_il
@@ -121,6 +125,10 @@ def rl_config() -> mlc.ConfigDict:
     c.model.lora_alpha = 16.0
     c.model.lora_dropout = 0.05
     c.model.lora_targets = "q_proj,v_proj"
+    c.validation = mlc.ConfigDict()   # the validation slice of the train split, never trained on (holdout.py)
+    c.validation.env = ""             # the env whose train split it slices ("" = none)
+    c.validation.num_tasks = 0        # its size (0 = none)
+    c.validation.seed = 0             # which tasks (a seeded permutation of the train split)
     c.collect = mlc.ConfigDict()
     c.collect.split = "train"
     c.collect.tasks_per_iteration = 0  # tasks rolled out per iteration (0: the whole train split)
@@ -205,7 +213,7 @@ def rl_config() -> mlc.ConfigDict:
     c.optimizer.accumulate_steps = 1
     c.eval = mlc.ConfigDict()
     c.eval.every = 0                  # evaluate after every n-th iteration (0: off); agent limits = collect's
-    c.eval.split = "test"
+    c.eval.split = "test"             # test | validation (the slice of config.validation: for tuning)
     c.eval.num_tasks = 100
     c.eval.trials = 10
     c.eval.batch_size = 8

@@ -22,7 +22,7 @@ from typing import Any
 
 from retroact_jax import benchmarks, evaluation
 from retroact_jax.stages import StageError
-from retroact_jax.stages import methods as methods_lib
+from retroact_jax.stages import holdout, methods as methods_lib
 from retroact_jax.stages.configs import as_list
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,10 @@ def _policy(source: str, lora: str, c: Any, cache: dict):
         model, tok, _ = setup.load_one(source, c.model.param_dtype, 0)
         from retroact_jax.models.decoder import set_memory_options
         set_memory_options(model, attention=c.model.attention)
-        if lora:
-            from retroact_jax.models import lora as lora_lib
-            lora_lib.load_lora(model, lora)
+        from retroact_jax.models import lora as lora_lib
+        for adapter in as_list(lora):      # merged in turn, as the stages' exports (IL, then RL on it)
+            lora_lib.load_lora(model, adapter)
+            lora_lib.merge_lora(model)
         pad = tok.pad_id if tok.pad_id is not None else 0
         kw = {name: tuple(int(x) for x in as_list(c.eval[k]))
               for name, k in (("length_buckets", "cache_buckets"), ("chunk_buckets", "chunk_buckets"))}
@@ -108,6 +109,29 @@ def backbone_name(c: Any) -> str:
     return {"embedded": "SmolLM2-135M-Instruct"}.get(src, pathlib.Path(src.rstrip("/")).name or src)
 
 
+def eval_tasks(c: Any) -> tuple[str, list[int]]:
+    """(env split, task indices) evaluated: ``eval.num_tasks`` from ``eval.start_task`` of ``config.split``
+    (the paper's split by default); ``split = "validation"`` = the validation slice of the train split
+    (``holdout.py``: for tuning, never trained on in the same run)."""
+    import envs
+    bench = benchmarks.get(c.env)
+    split = c.split or bench.eval_split
+    num_tasks = int(c.eval.num_tasks) or bench.eval_tasks
+    if split == holdout.SPLIT:
+        held = holdout.Slice(c.env, int(c.validation.num_tasks), int(c.validation.seed))
+        pool, split = held.indices, held.train_split
+    else:
+        probe = envs.make(c.env, split)
+        try:
+            pool = list(range(len(probe.tasks)))
+        finally:
+            probe.close()
+    if c.eval.start_task >= len(pool):
+        raise StageError(f"config.eval.start_task={c.eval.start_task} but {c.env}/{c.split or split} has "
+                         f"{len(pool)} tasks")
+    return split, pool[c.eval.start_task: c.eval.start_task + num_tasks]
+
+
 def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pathlib.Path,
              multi_agent: bool = True, model: str = "trained") -> dict:
     """Run (or resume) the evaluation of method ``m`` with ``model`` (``model_sources``) in
@@ -115,14 +139,9 @@ def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
     import envs
     from retroact_jax.agent import loop, rollout
     bench = benchmarks.get(c.env)
-    split = c.split or bench.eval_split
-    num_tasks = int(c.eval.num_tasks) or bench.eval_tasks
+    split, indices = eval_tasks(c)
     probe = envs.make(c.env, split)
     try:
-        n_all = len(probe.tasks)
-        if c.eval.start_task >= n_all:
-            raise StageError(f"config.eval.start_task={c.eval.start_task} but {c.env}/{split} has {n_all} tasks")
-        indices = list(range(c.eval.start_task, min(n_all, c.eval.start_task + num_tasks)))
         tasks = {i: probe.task_at(i) for i in indices}
     finally:
         probe.close()

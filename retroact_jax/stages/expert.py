@@ -50,6 +50,7 @@ class ExpertConfig:
     batch_size: int = 8             # tasks in flight
     env_workers: int = 4            # threads / worker processes stepping the envs
     progress: bool = True
+    exclude: tuple[int, ...] = ()   # train-task indices never played (the validation slice, holdout.py)
 
 
 def check(env_names: Sequence[str], cfg: ExpertConfig) -> None:
@@ -77,6 +78,13 @@ def select_tasks(n_all: int, num_tasks: int, seed: int) -> list[int]:
         return list(range(n_all))
     perm = np.random.default_rng([int(seed), 7]).permutation(n_all)
     return sorted(int(i) for i in perm[:num_tasks])
+
+
+def pick(n_all: int, env_name: str, cfg: ExpertConfig, skip: Sequence[int] = ()) -> list[int]:
+    """The expert's task indices: a seeded subset of the tasks outside ``cfg.exclude`` and ``skip``."""
+    out = set(int(i) for i in cfg.exclude) | set(int(i) for i in skip)
+    pool = [i for i in range(n_all) if i not in out]
+    return [pool[j] for j in select_tasks(len(pool), num_tasks_for(env_name, cfg.num_tasks), cfg.seed)]
 
 
 def fails_first(index: int, fraction: float, seed: int) -> bool:
@@ -115,8 +123,7 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: ExpertConfig = Expe
     probe = envs.make(env_name, split)
     try:
         n_all = len(probe.tasks)
-        n = num_tasks_for(env_name, cfg.num_tasks)
-        indices = list(task_indices) if task_indices is not None else select_tasks(n_all, n, cfg.seed)
+        indices = list(task_indices) if task_indices is not None else pick(n_all, env_name, cfg)
         tasks = {i: probe.task_at(i) for i in indices}
     finally:
         probe.close()

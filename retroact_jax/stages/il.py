@@ -42,6 +42,7 @@ import numpy as np
 
 from retroact_jax import batching, losses, metrics as metrics_lib, train
 from retroact_jax.stages import expert as expert_lib
+from retroact_jax.stages import holdout
 from retroact_jax.stages import samples as samples_lib
 from retroact_jax.stages import setup
 from retroact_jax.stages.configs import as_list as _list, il_config as default_config, to_dict as _to_dict
@@ -57,21 +58,26 @@ def load_samples(c: Any, workdir: pathlib.Path) -> tuple[dict[str, list[batching
     from retroact_jax import released_data
     by_role: dict[str, list] = {"planner": [], "reflector": []}
     counts: dict[str, Any] = {}
+    held = holdout.from_config(getattr(c, "validation", None))   # the validation slice: never trained on
     for name in _list(c.data.released):
         loaded = released_data.load_retroact(name, empty_reflections=c.data.empty_reflections)
         if loaded.samples and loaded.samples[0].objective != "il":
             raise StageError(f"config.data.released: {name!r} is not an imitation file")
-        for s in loaded.samples:
+        got, dropped = holdout.drop_released(loaded.samples, held.instructions if held else ())
+        for s in got:
             by_role[s.role].append(s)
-        counts[name] = {r: sum(s.role == r for s in loaded.samples) for r in by_role}
+        counts[name] = {r: sum(s.role == r for s in got) for r in by_role}
+        if held:
+            counts[name]["dropped_validation"] = dropped
     ecfg = expert_lib.ExpertConfig(
         expert=str(c.data.expert), trials=int(c.data.expert_trials),
         num_tasks=int(c.data.expert_tasks), reflect_fraction=float(c.data.expert_reflect_fraction),
         seed=int(c.seed), batch_size=int(c.data.expert_batch_size),
         env_workers=int(c.data.expert_env_workers), progress=bool(c.train.progress))
-    expert_lib.check(_list(c.data.expert_envs), ecfg)
+    expert_lib.check(_list(c.data.expert_envs), ecfg)          # every env before any expert runs
     for env in _list(c.data.expert_envs):
-        pl, rf, n = expert_lib.expert_il_data(env, workdir / "expert", ecfg)
+        skip = tuple(held.indices) if held and held.env == env else ()
+        pl, rf, n = expert_lib.expert_il_data(env, workdir / "expert", dataclasses.replace(ecfg, exclude=skip))
         by_role["planner"] += pl
         by_role["reflector"] += rf
         counts[f"expert:{env}"] = n

@@ -126,9 +126,7 @@ def collect(env_name: str, out_dir: str | pathlib.Path, cfg: expert_lib.ExpertCo
     try:
         n_all = len(probe.tasks)
         if task_indices is None:
-            pool = [i for i in range(n_all) if i not in shown]
-            n = expert_lib.num_tasks_for(env_name, cfg.num_tasks)
-            indices = [pool[j] for j in expert_lib.select_tasks(len(pool), n, cfg.seed)]
+            indices = expert_lib.pick(n_all, env_name, cfg, skip=shown)
         else:
             indices = [int(i) for i in task_indices]
             if shown & set(indices):

@@ -50,12 +50,12 @@ def stages_of(c: Any, m: methods_lib.Method) -> list[str]:
 
 
 def il_dir(c: Any, m: methods_lib.Method) -> pathlib.Path:
-    single = "_single" if not c.multi_agent and len(m.il_roles) > 1 else ""
+    single = "_single" if not m.multi_agent(c.multi_agent) and len(m.il_roles) > 1 else ""
     return pathlib.Path(c.run_dir) / f"il_{'+'.join(m.il_roles)}{single}"
 
 
 def method_dir(c: Any, m: methods_lib.Method) -> pathlib.Path:
-    return pathlib.Path(c.run_dir) / m.run_name(bool(c.multi_agent))
+    return pathlib.Path(c.run_dir) / m.run_name(m.multi_agent(c.multi_agent))
 
 
 def _il_data(c: Any, data: Any) -> None:
@@ -70,8 +70,10 @@ def _il_data(c: Any, data: Any) -> None:
 def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
     """The IL or RL stage's own config, with its run-time fields derived from ``c``."""
     sc = mlc.ConfigDict(c[stage].to_dict())
-    sc.model.multi_agent = bool(c.multi_agent)
+    sc.model.multi_agent = m.multi_agent(c.multi_agent)
     sc.model.param_dtype = c.model.param_dtype
+    if c.validation.num_tasks > 0:          # held out of the expert, the released rows and RL collection
+        sc.validation = {"env": c.env, "num_tasks": int(c.validation.num_tasks), "seed": int(c.validation.seed)}
     if stage == "il":
         sc.model.planner, sc.model.reflector = c.model.planner, c.model.reflector
         sc.data.roles = ",".join(m.il_roles)
@@ -130,7 +132,10 @@ def run_training(c: Any, stage: str, m: methods_lib.Method) -> None:
 
 def eval_config(c: Any) -> dict:
     ev = {k: v for k, v in c.eval.to_dict().items() if k != "compare"}   # which models: not how
-    return {"env": c.env, "split": c.split, "model": c.model.to_dict(), "eval": ev, "backbone": c.backbone}
+    out = {"env": c.env, "split": c.split, "model": c.model.to_dict(), "eval": ev, "backbone": c.backbone}
+    if c.split == "validation":
+        out["validation"] = c.validation.to_dict()
+    return out
 
 
 def run_eval(c: Any, m: methods_lib.Method, model: str = "trained") -> dict:
@@ -141,8 +146,8 @@ def run_eval(c: Any, m: methods_lib.Method, model: str = "trained") -> dict:
     if (out / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c):
         log.info("%s: eval finished in %s, skipped", m.name, out)
     else:
-        _measured(c, f"{m.run_name(bool(c.multi_agent))}/{out.name}", evaluate.run_eval, c, m, d,
-                  il_dir(c, m), multi_agent=bool(c.multi_agent), model=model)
+        _measured(c, f"{m.run_name(m.multi_agent(c.multi_agent))}/{out.name}", evaluate.run_eval, c, m, d,
+                  il_dir(c, m), multi_agent=m.multi_agent(c.multi_agent), model=model)
         f.write_text(json.dumps(eval_config(c), indent=2) + "\n")
     return json.loads((out / "results.json").read_text())
 
@@ -151,7 +156,7 @@ def compare(c: Any, m: methods_lib.Method, results: dict) -> str:
     """``<method dir>/compare.md``: the models of ``config.eval.compare`` beside the trained one."""
     rows = [(evaluate.compare_label(m, k), results[k]) for k in ("base", "il", "trained") if k in results]
     s = rows[-1][1]
-    head = (f"{m.row_label(bool(c.multi_agent))} on {s['env']} ({s['num_tasks']} tasks x {s['trials']} "
+    head = (f"{m.row_label(m.multi_agent(c.multi_agent))} on {s['env']} ({s['num_tasks']} tasks x {s['trials']} "
             f"trials): the same agent with each model, x100\n\n")
     text = head + evaluation.compare_table(rows)
     (method_dir(c, m) / "compare.md").write_text(text)
@@ -186,4 +191,7 @@ def run(c: Any) -> list[dict]:
     if results:
         evaluation.write_table(run_dir, results)
         print((run_dir / "results.md").read_text())
+    if results and c.publish:
+        from retroact_jax.stages import publish
+        log.info("published the table's artifacts in %s", publish.publish(c, results))
     return results

@@ -40,6 +40,7 @@ import numpy as np
 from retroact_jax import batching, train
 from retroact_jax.stages import behaviour as behaviour_lib
 from retroact_jax.stages import collect as collect_lib
+from retroact_jax.stages import holdout
 from retroact_jax.stages import replay as replay_lib
 from retroact_jax.stages import setup
 from retroact_jax.stages.configs import SCHEDULES, apply_schedule, rl_config as default_config
@@ -73,7 +74,8 @@ def agent_config(s: RLState, trials: int, temperature: float, reflector_temperat
 def collect(s: RLState) -> tuple[list[dict], dict]:
     """Roll out the current policies on the iteration's train tasks: (trial records, summary)."""
     c, k = s.c, s.iteration
-    idx = collect_lib.task_indices(s.n_train, int(c.collect.tasks_per_iteration), int(c.seed), k)
+    idx = [s.pool[i] for i in collect_lib.task_indices(len(s.pool), int(c.collect.tasks_per_iteration),
+                                                       int(c.seed), k)]      # never the validation slice
     acfg = agent_config(s, int(c.collect.trials), float(c.collect.temperature),
                         float(c.collect.reflector_temperature), seed_of(int(c.seed), k, "collect"))
     planner, reflector = policies(s, explore=True)
@@ -186,21 +188,16 @@ def log_train(s: RLState, item) -> None:
 
 def evaluate(s: RLState) -> None:
     """Greedy trials of the current policies on ``eval.split`` after every ``eval.every``-th iteration."""
-    import envs
     from retroact_jax.agent import rollout as rollout_lib
     c, k = s.c, s.iteration
     out = s.workdir / "eval" / f"iter-{k:04d}"
     if not int(c.eval.every) or k % int(c.eval.every) or (out / "summary.json").exists():
         return
-    probe = envs.make(c.env, c.eval.split)
-    try:
-        n = min(len(probe.tasks), int(c.eval.num_tasks))
-    finally:
-        probe.close()
+    split, indices = eval_tasks(c)
     acfg = agent_config(s, int(c.eval.trials), float(c.eval.temperature), float(c.eval.temperature), int(c.seed))
     acfg = dataclasses.replace(acfg, batch_size=int(c.eval.batch_size))
     planner, reflector = policies(s, explore=False)
-    summary = rollout_lib.evaluate(c.env, c.eval.split, list(range(n)), planner, reflector, acfg, out,
+    summary = rollout_lib.evaluate(c.env, split, indices, planner, reflector, acfg, out,
                                    summary_trials=int(c.eval.trials), env_backend=s.backend,
                                    show_progress=bool(c.train.progress))
     setup.write_json_atomic(out / "summary.json", summary)
@@ -208,6 +205,22 @@ def evaluate(s: RLState) -> None:
     for metric, v in summary["metrics"].items():
         m.update({f"{metric}_{x}": v[x] for x in ("IR", "FR", "AR")})
     log_metrics(s, m, "eval")
+
+
+def eval_tasks(c: Any) -> tuple[str, list[int]]:
+    """(env split, task indices) of the eval hook: the first ``eval.num_tasks`` of ``eval.split``, or
+    of the validation slice (``eval.split = "validation"``, played on the train split)."""
+    import envs
+    if c.eval.split == holdout.SPLIT:
+        held = holdout.from_config(c.get("validation"))
+        if held is None:
+            raise StageError("config.eval.split='validation' needs config.validation.num_tasks > 0")
+        return held.train_split, held.indices[: int(c.eval.num_tasks)]
+    probe = envs.make(c.env, c.eval.split)
+    try:
+        return c.eval.split, list(range(min(len(probe.tasks), int(c.eval.num_tasks))))
+    finally:
+        probe.close()
 
 
 # -------------------------------------------------------------------------------------- the stage

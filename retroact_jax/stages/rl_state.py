@@ -17,6 +17,7 @@ from typing import Any
 
 from retroact_jax import batching, benchmarks, losses, metrics as metrics_lib
 from retroact_jax.stages import behaviour as behaviour_lib
+from retroact_jax.stages import holdout
 from retroact_jax.stages import replay as replay_lib
 from retroact_jax.stages import setup
 from retroact_jax.stages.setup import StageError, as_list, to_dict
@@ -49,6 +50,7 @@ class RLState:
     buffer: replay_lib.ReplayBuffer
     n_train: int
     backend: str
+    pool: list                        # train-task indices RL may collect on (all but the validation slice)
     iteration: int = 0
     it_step: int = 0
     it_done: bool = True
@@ -91,13 +93,20 @@ def init(c: Any, workdir: pathlib.Path) -> RLState:
         n_train = len(probe.tasks)
     finally:
         probe.close()
+    held = holdout.from_config(c.get("validation"))
+    if held and held.env != c.env:
+        raise StageError(f"config.validation.env={held.env!r} but the RL stage runs on {c.env!r}")
+    if held and c.collect.split != held.train_split:
+        raise StageError(f"config.collect.split={c.collect.split!r}: with a validation slice RL collects "
+                         f"on {held.train_split!r} (the slice's split)")
+    pool = holdout.training_indices(n_train, held.num_tasks, held.seed) if held else list(range(n_train))
     buckets = tuple(int(b) for b in as_list(c.train.buckets))
     s = RLState(c=c, workdir=workdir, t=t, roles=roles, reflector=c.method == "retroact", ei=ei,
                 rl_rows=rl_rows, il_rows=il_rows, buckets=buckets, eos=eos, il_data=il_data,
                 collate_kw=dict(max_len=max(buckets), observations=c.train.observations,
                                 reflector_reward=c.train.reflector_reward, alpha=float(c.train.alpha)),
                 behaviour=behaviour_lib.per_role(t.models, t.tokenizer, c.collect),
-                buffer=replay_lib.ReplayBuffer(_replay_cfg(c)), n_train=n_train,
+                buffer=replay_lib.ReplayBuffer(_replay_cfg(c)), n_train=n_train, pool=pool,
                 backend=c.collect.env_backend or bench.env_backend)
     (workdir / "replay").mkdir(parents=True, exist_ok=True)
     if _total_steps(s) is not None:
@@ -114,7 +123,7 @@ def _load_il(c, workdir: pathlib.Path, roles, tok, eos) -> dict[str, list[batchi
     from retroact_jax.stages import il
     if not roles:
         return {}
-    shim = types.SimpleNamespace(seed=int(c.seed), data=c.il_data,
+    shim = types.SimpleNamespace(seed=int(c.seed), data=c.il_data, validation=c.get("validation"),
                                  train=types.SimpleNamespace(progress=bool(c.train.progress)))
     by_role, _ = il.load_samples(shim, pathlib.Path(c.il_data.expert_workdir or workdir))
     return {r: [batching.tokenize_sample(x, tok, eos_id=eos) for x in by_role[r]] for r in roles}

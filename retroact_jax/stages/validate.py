@@ -73,6 +73,11 @@ def top_level(c: Any) -> None:
             raise _fail("stages", c.stages, f"a subset of {', '.join(sorted(known))} (the stages of "
                         f"{', '.join(names)})")
     _choice(c, "", "model.policy", POLICIES)
+    _at_least(c, "", ("validation.num_tasks",), 0)
+    if c.split == "validation" and c.validation.num_tasks < 1:
+        raise _fail("split", c.split, "needs config.validation.num_tasks > 0 (the slice of the train split)")
+    if c.validation.num_tasks and not benchmarks.get(c.env).train_split:
+        raise _fail("validation.num_tasks", c.validation.num_tasks, f"{c.env} has no train split to slice")
     if c.model.policy == "scripted-gold" and as_list(c.stages) != ["eval"]:
         raise _fail("stages", c.stages, "model.policy=scripted-gold plays the gold script: set stages=eval")
     if c.rl_schedule and c.rl_schedule not in SCHEDULES:
@@ -195,6 +200,8 @@ def rl_stage(sc: Any) -> None:
     _at_least(sc, p, ("replay.capacity", "replay.max_age", "replay.max_chars", "replay.max_tokens"), 0)
     if uses_il_data(sc):
         il_data(sc.il_data, p + "il_data.", ["planner"])
+    if sc.eval.every and sc.eval.split == "validation" and not sc.get("validation"):
+        raise _fail(f"{p}eval.split", sc.eval.split, "needs config.validation.num_tasks > 0")
 
 
 def uses_il_data(sc: Any) -> bool:

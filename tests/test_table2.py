@@ -1,0 +1,161 @@
+"""The CPU Table 2 command (experiments/configs/table2_cpu.py) on the tiny random model: every published
+artifact, re-evaluation from the published adapters reproducing per-task scores, and the validation
+slice never reaching training data (expert rollouts, released IL rows, RL collection)."""
+import json
+import pathlib
+
+import pytest
+
+from experiments.configs import table2_cpu
+from retroact_jax import released_data
+from retroact_jax.stages import expert, holdout, methods, pipeline, publish, validate
+
+ENVS = ("hotpotqa", "intercode_sql", "alfworld")
+
+
+def tiny_table_config(tmp: pathlib.Path, methods_: str):
+    c = table2_cpu.get_config()
+    c.methods, c.run_dir, c.publish = methods_, str(tmp / "run"), str(tmp / "published")
+    c.model.planner, c.backbone = "tiny-random", "tiny-random"
+    c.validation.num_tasks = 3
+    c.eval.update(num_tasks=2, trials=2, batch_size=2, env_workers=2, max_steps=1, planner_max_tokens=8,
+                  reflector_max_tokens=8, num_examples=1, progress=False, cache_buckets="2048,4096",
+                  chunk_buckets="")
+    c.il.data.update(expert_tasks=4, expert_reflect_fraction=1.0, eval_rows=0, max_tokens=2048,
+                     long_rows="truncate")
+    c.il.train.update(max_steps=2, buckets="2048", eval_every=0, progress=False, tensorboard=False)
+    c.il.optimizer.update(warmup_steps=0, learning_rate=1e-2)
+    c.rl.collect.update(tasks_per_iteration=2, trials=2, batch_size=2, env_workers=2, max_steps=1,
+                        planner_max_tokens=8, reflector_max_tokens=8, batch_buckets="2",
+                        cache_buckets="2048,4096", chunk_buckets="", new_token_buckets="8", score_buckets="2048",
+                        score_rows=2)
+    c.rl.replay.update(drop_zero_reward=False, max_chars=0, max_tokens=0)
+    c.rl.train.update(iterations=2, buckets="2048", progress=False, tensorboard=False, checkpoint_every=0)
+    c.rl.optimizer.update(warmup_steps=0, learning_rate=1e-2)
+    c.rl.eval.update(num_tasks=2, trials=2, batch_size=2)
+    return c
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_config_validates_all_seven_methods_per_env(env):
+    c = table2_cpu.get_config()
+    c.env = env
+    pipeline.resolve(c)
+    validate.validate(c)
+    assert pipeline.method_names(c) == ["react", "reflexion", "sft", "sft_ei", "sft_rl", "retroact",
+                                        "retroact_single"]
+    assert c.run_dir == f"runs/table2_cpu/{env}" and c.publish == f"results/table2_cpu/{env}"
+    assert c.eval.trials >= 5
+    single = methods.get("retroact_single")
+    assert pipeline.il_dir(c, single).name == "il_planner+reflector_single"
+    assert pipeline.stage_config(c, "rl", single).model.multi_agent is False
+    assert pipeline.stage_config(c, "rl", methods.get("retroact")).model.multi_agent is True
+    for stage in ("il", "rl"):
+        assert pipeline.stage_config(c, stage, single).validation.to_dict() == {
+            "env": env, "num_tasks": 20, "seed": 0}
+
+
+def test_unknown_key_fails():
+    c = table2_cpu.get_config()
+    c.lock()                                   # as experiments.run loads it (lock_config=True)
+    with pytest.raises(AttributeError):
+        c.eval.no_such_key = 1
+
+
+def test_validation_slice_is_fixed_and_disjoint():
+    a, b = holdout.indices(753, 20, 0), holdout.indices(753, 20, 0)
+    assert a == b and len(set(a)) == 20 and holdout.indices(753, 20, 1) != a
+    rest = holdout.training_indices(753, 20, 0)
+    assert not set(a) & set(rest) and len(rest) == 733
+    with pytest.raises(holdout.HoldoutError):
+        holdout.indices(5, 5, 0)
+
+
+@pytest.mark.parametrize("name, env", [("intercode_il", "intercode_sql"), ("alfworld_il", "alfworld")])
+def test_released_rows_of_the_slice_are_dropped(name, env):
+    held = holdout.Slice(env, 40, 0)
+    samples = released_data.load_retroact(name).samples
+    kept, dropped = holdout.drop_released(samples, held.instructions)
+    assert len(kept) + dropped == len(samples)
+    assert not any(holdout.mentions(holdout.sample_text(s), held.instructions) for s in kept)
+    if env == "intercode_sql":   # released InterCode rows name their question: some slice tasks are in them
+        assert dropped > 0
+        assert all(any(f"Question: {q}" in holdout.sample_text(s) for q in held.instructions)
+                   for s in samples if s not in kept)
+
+
+def test_expert_never_plays_the_slice():
+    held = holdout.Slice("hotpotqa", 20, 0)
+    cfg = expert.ExpertConfig(num_tasks=0, exclude=tuple(held.indices))
+    picked = expert.pick(753, "hotpotqa", cfg)
+    assert len(picked) == 733 and not set(picked) & set(held.indices)
+    sub = expert.pick(753, "hotpotqa", expert.ExpertConfig(num_tasks=50, exclude=tuple(held.indices)))
+    assert len(sub) == 50 and not set(sub) & set(held.indices)
+    # without a slice: the same subset as before the slice existed
+    assert expert.pick(753, "hotpotqa", expert.ExpertConfig(num_tasks=50)) == expert.select_tasks(753, 50, 0)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    d = tmp_path_factory.mktemp("table2")
+    c = tiny_table_config(d, "react,sft_rl,retroact_single")
+    pipeline.resolve(c)
+    validate.validate(c)
+    return d, c, pipeline.run(c)
+
+
+@pytest.mark.slow
+def test_publishes_every_artifact(table):
+    d, c, results = table
+    pub = d / "published"
+    for f in ("results.md", "results.json", "metrics.png", "rl_curve.png", "RUN.md", "config.json",
+              "adapters.json"):
+        assert (pub / f).is_file(), f
+    res = json.loads((pub / "results.json").read_text())
+    assert [m["method"] for m in res["methods"]] == ["ReAct", "SFT+RL", "RetroAct (single-agent)"]
+    for m in res["methods"]:
+        assert len(m["tasks"]) == 2 and all({"score", "success", "steps"} <= set(t["trials"][0])
+                                            for t in m["tasks"])
+        assert m["actions"]["actions"] > 0
+    rl = {m["run"]: m["rl"] for m in res["methods"] if "rl" in m}
+    assert set(rl) == {"sft_rl", "retroact_single"}
+    for r in rl.values():
+        assert [p["iteration"] for p in r["curve"]] == [1, 2] and r["logged_updates"] > 0
+    assert res["methods"][2]["reflection_changes"]["pairs"] >= 0
+    md = (pub / "results.md").read_text()
+    assert "tiny-random" in md and "RetroAct (single-agent)" in md and "valid actions" in md
+    merged = (d / "README.md").read_text()      # every published env beside the paper's 7B rows
+    assert "Llama-2-7B-chat (paper)" in merged and "tiny-random" in merged and "60.92" in merged
+    run_md = (pub / "RUN.md").read_text()
+    assert "retroact_single/rl" in run_md and "il_planner" in run_md and "experiments.table2" in run_md
+    ad = json.loads((pub / "adapters.json").read_text())
+    assert set(ad) == {"sft_rl", "retroact_single"}
+    assert [pathlib.Path(x).parts[-2:] for x in ad["sft_rl"]["planner"]] == [("il", "planner"), ("rl", "planner")]
+    assert ad["retroact_single"]["planner"] == ad["retroact_single"]["reflector"]
+    for chain in ad.values():
+        for dirs in chain.values():
+            assert all((pub / x / "adapter_config.json").is_file() for x in dirs)
+
+
+@pytest.mark.slow
+def test_validation_slice_never_reaches_training(table):
+    d, c, _ = table
+    held = set(holdout.indices(753, 3, 0))
+    run = pathlib.Path(c.run_dir)
+    expert_recs = [json.loads(x) for f in run.glob("il_*/expert/hotpotqa/trajectories.jsonl")
+                   for x in f.read_text().splitlines()]
+    assert expert_recs and not {r["task_index"] for r in expert_recs} & held
+    rollouts = [json.loads(x) for f in run.glob("*/rl/rollouts/*/trajectories.jsonl")
+                for x in f.read_text().splitlines()]
+    assert rollouts and not {r["task_index"] for r in rollouts} & held
+    evals = [json.loads(x) for f in run.glob("*/rl/eval/*/trajectories.jsonl") for x in f.read_text().splitlines()]
+    assert evals and {r["task_index"] for r in evals} <= held and {r["split"] for r in evals} == {"train"}
+
+
+@pytest.mark.slow
+def test_reevaluation_from_published_adapters_reproduces_scores(table, tmp_path):
+    d, _, _ = table
+    got = publish.reevaluate(d / "published", tmp_path)
+    assert set(got) == {"sft_rl", "retroact_single"}
+    for r in got.values():
+        assert r["tasks"] == 2 and r["mismatches"] == []
