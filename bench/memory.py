@@ -14,6 +14,9 @@ Parts:
 * ``score``: the behaviour scorer at (8 rows x 512) and (1 x 2048).
 * ``sample``: the sampler's extension (prefill) at batch 32 / 8 into a 2048-slot cache, default and
   blockwise attention: KV cache MB and temp MB.
+* ``rss``: peak RSS of one LoRA train step (``--rss_batch`` x ``--rss_seq``, default the quickstart's
+  1 x 768) in child processes: ours with ``remat`` none and layer, transformers + peft (the
+  reference), measured in the same run by ``bench.train``'s memory child.
 * ``quickstart``: runs ``experiments.run`` on the quickstart config in a subprocess and reports its
   ``stages.json`` (peak RSS, compile seconds and persistent-cache hits per stage) and the process's
   peak RSS; run it twice with the same ``--cache_dir`` to see the persistent cache hit.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -55,20 +59,22 @@ def _batch(n: int, T: int, planner_rows: int) -> dict:
                 objective_B=np.zeros(n, np.int32))
 
 
-TRAIN_SHAPES = {"quickstart_il_2x512": ({"planner": 1, "reflector": 1}, 512),
+TRAIN_SHAPES = {"quickstart_il_2x768": ({"planner": 1, "reflector": 1}, 768),
                 "table2_il_1x2048": ({"planner": 1}, 2048)}
 # (label, head_chunk, attention, remat)
 TRAIN_SETTINGS = (("before", 0, "default", "none"), ("head_chunk", 256, "default", "none"),
                   ("head_chunk+remat_full", 256, "default", "full"),
                   ("head_chunk+blockwise", 256, "blockwise", "none"),
                   ("head_chunk+blockwise+remat_dots", 256, "blockwise", "dots"),
-                  ("head_chunk+blockwise+remat_full", 256, "blockwise", "full"))
+                  ("head_chunk+blockwise+remat_full", 256, "blockwise", "full"),
+                  ("head_chunk+remat_layer", 256, "default", "layer"),
+                  ("head_chunk+blockwise+remat_layer", 256, "blockwise", "layer"))
 
 
 def part_train(source: str, settings, shapes) -> dict:
     from retroact_jax import train
     from retroact_jax.models.lora import LoRAConfig
-    from retroact_jax import stages
+    from retroact_jax.stages import setup as stages
     out = {}
     lcfg = LoRAConfig(rank=8, alpha=16, dropout=0.05, target_modules=("q_proj", "v_proj"))
     for shape in shapes:
@@ -89,7 +95,8 @@ def part_train(source: str, settings, shapes) -> dict:
 
 
 def part_score(source: str) -> dict:
-    from retroact_jax import scoring, stages
+    from retroact_jax import scoring
+    from retroact_jax.stages import setup as stages
     from retroact_jax.models.decoder import set_memory_options
     models, _, _ = stages.load_models(source, roles=("planner",))
     model = models["planner"]
@@ -112,7 +119,8 @@ def part_sample(source: str) -> dict:
     in flight), with the full-scores attention and the blockwise one (a prefill of 512 tokens into a
     2048 cache at batch 32 holds [32, 9, 512, 2048] float32 scores = 1.2 GB)."""
     from flax import nnx
-    from retroact_jax import sampling, stages
+    from retroact_jax import sampling
+    from retroact_jax.stages import setup as stages
     from retroact_jax.models.decoder import KVCache, set_memory_options
     models, _, cfg = stages.load_models(source, roles=("planner",))
     model = models["planner"]
@@ -133,30 +141,51 @@ def part_sample(source: str) -> dict:
     return out
 
 
+def part_rss(batch: int, seq: int, threads: int) -> dict:
+    """Peak RSS of a LoRA train step of ``batch`` x ``seq`` tokens, each in its own child process
+    (``bench.train``'s memory child: RSS over the framework's import baseline, first step and
+    steady steps): ours with ``remat`` none and layer, and transformers + peft, in the same run."""
+    out = {}
+    for side, remat in (("ours", "none"), ("ours", "layer"), ("torch", "none")):
+        cmd = [sys.executable, "-m", "bench.train", "--_memory_child", f"{side}:lora", "--batch", str(batch),
+               "--seq", str(seq), "--threads", str(threads), "--remat", remat]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        key = f"{side}_remat_{remat}" if side == "ours" else "transformers"
+        out[key] = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
+                    else {"error": f"child exited {r.returncode}: {r.stderr.strip()[-300:]}"})
+        print(f"[memory] rss {key}: {out[key]}", file=sys.stderr)
+    return out
+
+
 def part_quickstart(run_dir: str, cache_dir: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "experiments.run", "--config=experiments/configs/quickstart.py",
            f"--config.run_dir={run_dir}", f"--compilation_cache={cache_dir}", *extra]
-    t0 = time.time()
+    t0, ru0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.time() - t0
+    wall, ru1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"quickstart failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     stages_json = json.loads(open(os.path.join(run_dir, "stages.json")).read())
     # each stage resets the kernel's peak counter (ru_maxrss too): the run's peak is the stages' max
     peak = max(s["peak_rss_gb"] for s in stages_json.values())
-    return {"wall_s": round(wall, 1), "process_peak_rss_gb": round(peak, 2), "stages": stages_json,
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_after": os.getloadavg(),
+            "process_peak_rss_gb": round(peak, 2), "stages": stages_json,
             "compile_s": round(sum(s["compile_s"] for s in stages_json.values()), 1)}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="train", help="comma list of train, score, sample, quickstart")
+    ap.add_argument("--parts", default="train", help="comma list of train, score, sample, rss, quickstart")
     ap.add_argument("--source", default="embedded", help="model source (tiny-random for a smoke run)")
     ap.add_argument("--settings", default=",".join(s[0] for s in TRAIN_SETTINGS))
     ap.add_argument("--shapes", default=",".join(TRAIN_SHAPES))
     ap.add_argument("--run_dir", default="/tmp/retroact_bench_quickstart")
     ap.add_argument("--cache_dir", default="/tmp/retroact_bench_xla", help="persistent compilation cache")
     ap.add_argument("--quickstart_args", default="", help="extra flags for experiments.run (space separated)")
+    ap.add_argument("--rss_batch", type=int, default=1, help="rss part: rows per step")
+    ap.add_argument("--rss_seq", type=int, default=768, help="rss part: tokens per row")
+    ap.add_argument("--threads", type=int, default=2, help="rss part: cores per child")
     a = ap.parse_args(argv)
     unknown = [s for s in a.settings.split(",") if s not in {t[0] for t in TRAIN_SETTINGS}]
     unknown += [s for s in a.shapes.split(",") if s not in TRAIN_SHAPES]
@@ -172,10 +201,12 @@ def main(argv=None) -> None:
             result["score"] = part_score(a.source)
         elif p == "sample":
             result["sample"] = part_sample(a.source)
+        elif p == "rss":
+            result["train_step_rss"] = part_rss(a.rss_batch, a.rss_seq, a.threads)
         elif p == "quickstart":
             result["quickstart"] = part_quickstart(a.run_dir, a.cache_dir, a.quickstart_args.split())
         else:
-            raise SystemExit(f"unknown part {p!r}: train, score, sample, quickstart")
+            raise SystemExit(f"unknown part {p!r}: train, score, sample, rss, quickstart")
     result["loadavg_end"] = os.getloadavg()
     print(json.dumps(result))
 

@@ -149,7 +149,8 @@ class Ours:
                "kwargs": {"b1": BETAS[0], "b2": BETAS[1], "eps": EPS, "weight_decay": WD}}
         self.loss_cfg = losses.LossConfig(il_normalization="tokens", il_coef=1.0)
         self.learner = train.Learner({"planner": self.model}, optimizer=opt, loss=self.loss_cfg,
-                                     rows={"planner": args.batch})
+                                     rows={"planner": args.batch},
+                                     memory={"remat": getattr(args, "remat", "none")})
         jax.block_until_ready(self.learner.state)
         self.load_s = time.perf_counter() - t
         self.n_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))
@@ -411,7 +412,8 @@ def run_memory(args, mode: str) -> dict:
     out = {}
     for side in ("ours", "torch"):
         cmd = [sys.executable, "-m", "bench.train", "--_memory_child", f"{side}:{mode}",
-               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+               "--remat", getattr(args, "remat", "none")]
         if args.tiny:
             cmd.append("--tiny")
         log(f"[{mode}] memory child: {side}")
@@ -433,6 +435,7 @@ def main(argv=None):
     ap.add_argument("--modes", default="full,lora")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="tiny random config (smoke run)")
+    ap.add_argument("--remat", default="none", help="our step's per-layer recompute (train.REMATS)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--_memory_child", default=None, help=argparse.SUPPRESS)

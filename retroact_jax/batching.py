@@ -227,10 +227,12 @@ class Batch:
     objective_B: np.ndarray         # int32, losses.OBJECTIVE_*
     reward_B: np.ndarray            # float32, planner R_tau / shaped reflector reward / 0 for IL rows
     lengths_B: np.ndarray           # int32, valid tokens per row (after truncation)
+    segments_BxT: np.ndarray        # int32, the row's sample 1, 2, .. (packed rows), 0 at padding
     n_rows: int                     # real rows (the rest are empty filler rows)
     n_truncated: int                # rows cut at max_len
     n_rows_untrained: int           # real rows left with no trained token (e.g. all cut by truncation)
     n_behaviour_cut: int = 0        # behaviour log-probs cut from over-long released lists (original rule)
+    n_samples: int = 0              # samples in the real rows (> n_rows when rows are packed)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith(("_BxT", "_B"))}
@@ -248,17 +250,20 @@ def _row_reward(s: Sample, reflector_reward: str, alpha: float) -> float:
     return float(losses.reflector_reward(float(s.last_reward), float(s.current_reward), reflector_reward, alpha))
 
 
-def collate(samples: Sequence[TokenizedSample], buckets: Sequence[int], pad_id: int, *,
-            max_len: int | None = None, padding: str = "right", observations: str = "trained",
+def collate(samples: Sequence[TokenizedSample | Sequence[TokenizedSample]], buckets: Sequence[int],
+            pad_id: int, *, max_len: int | None = None, padding: str = "right", observations: str = "trained",
             reflector_reward: str = "delta_scaled", alpha: float = 1.0, batch_size: int | None = None) -> Batch:
     """Pad ``samples`` to the smallest bucket that fits the longest row.
 
-    Truncation: rows longer than ``max_len`` (default ``max(buckets)``) keep their first ``max_len``
-    tokens, as the original (``cutoff_len=2048``, ``truncation=True`` on the right); counted in
-    ``n_truncated``. ``padding="right"`` is the training default (causal attention never looks right, so
-    right pads change nothing before them and positions stay 0..n-1); ``"left"`` is offered for code that
-    appends after the last token. ``batch_size``: fill up with empty rows (all-invalid) to a fixed number
-    of rows so that a jitted step sees one shape. Rewards: ``reflector_reward`` / ``alpha`` as in
+    An entry of ``samples`` is one sample, or a sequence of IL samples of one role packed into one row
+    (``packing.py``): consecutive segments, positions restarting at 0 in each, ``segments_BxT`` 1, 2, ..;
+    each segment's first token is untrained, as a row's. Truncation: rows longer than ``max_len``
+    (default ``max(buckets)``) keep their first ``max_len`` tokens, as the original (``cutoff_len=2048``,
+    ``truncation=True`` on the right); counted in ``n_truncated``; a packed row must fit ``max_len``.
+    ``padding="right"`` is the training default (causal attention never looks right, so right pads
+    change nothing before them and positions stay 0..n-1); ``"left"`` is offered for code that appends
+    after the last token. ``batch_size``: fill up with empty rows (all-invalid) to a fixed number of
+    rows so that a jitted step sees one shape. Rewards: ``reflector_reward`` / ``alpha`` as in
     ``losses.reflector_reward``; the row's scalar is broadcast over all its non-prompt tokens, as the
     original collator does.
     """
@@ -270,42 +275,56 @@ def collate(samples: Sequence[TokenizedSample], buckets: Sequence[int], pad_id: 
     max_len = buckets[-1] if max_len is None else int(max_len)
     if max_len > buckets[-1]:
         raise SampleError(f"max_len {max_len} exceeds the largest bucket {buckets[-1]}")
-    n = len(samples)
+    rows = [tuple(x) if isinstance(x, (list, tuple)) else (x,) for x in samples]
+    n = len(rows)
     B = n if batch_size is None else int(batch_size)
-    if n == 0 or n > B:
-        raise SampleError(f"collate needs 1..batch_size samples, got {n} for batch_size {B}")
-    lens = [min(len(s), max_len) for s in samples]
+    if n == 0 or n > B or not all(rows):
+        raise SampleError(f"collate needs 1..batch_size non-empty rows, got {n} for batch_size {B}")
+    seg_lens = [[min(len(s), max_len) for s in row] for row in rows]
+    for row, ls in zip(rows, seg_lens):
+        if len(row) > 1 and (sum(ls) > max_len or any(s.sample.objective != "il" or s.sample.role !=
+                                                      row[0].sample.role for s in row)):
+            raise SampleError(f"a packed row needs IL samples of one role within max_len {max_len} "
+                              f"tokens; got {[(s.sample.role, s.sample.objective) for s in row]}, "
+                              f"{sum(ls)} tokens")
+    lens = [sum(ls) for ls in seg_lens]
     T = next(b for b in buckets if b >= max(lens))
     out = dict(tokens=np.full((B, T), pad_id, np.int32), positions=np.zeros((B, T), np.int32),
                valid=np.zeros((B, T), bool), kinds=np.full((B, T), KIND_PAD, np.int8),
-               beh=np.zeros((B, T), np.float32), beh_mask=np.zeros((B, T), bool))
+               beh=np.zeros((B, T), np.float32), beh_mask=np.zeros((B, T), bool),
+               segments=np.zeros((B, T), np.int32))
     role = np.zeros(B, np.int32)
     objective = np.full(B, losses.OBJECTIVE_IL, np.int32)
     reward = np.zeros(B, np.float32)
-    for i, (ts, L) in enumerate(zip(samples, lens)):
-        sl = slice(0, L) if padding == "right" else slice(T - L, T)
-        out["tokens"][i, sl] = ts.ids[:L]
-        out["positions"][i, sl] = np.arange(L)
-        out["valid"][i, sl] = True
-        out["kinds"][i, sl] = ts.kinds[:L]
-        out["beh"][i, sl] = ts.behaviour_logp[:L]
-        out["beh_mask"][i, sl] = ts.behaviour_mask[:L]
-        role[i] = ROLES[ts.sample.role]
-        objective[i] = OBJECTIVES[ts.sample.objective]
-        reward[i] = _row_reward(ts.sample, reflector_reward, alpha)
+    for i, (row, ls, L) in enumerate(zip(rows, seg_lens, lens)):
+        at = 0 if padding == "right" else T - L
+        for j, (ts, n_j) in enumerate(zip(row, ls)):
+            sl = slice(at, at + n_j)
+            out["tokens"][i, sl] = ts.ids[:n_j]
+            out["positions"][i, sl] = np.arange(n_j)
+            out["valid"][i, sl] = True
+            out["kinds"][i, sl] = ts.kinds[:n_j]
+            out["beh"][i, sl] = ts.behaviour_logp[:n_j]
+            out["beh_mask"][i, sl] = ts.behaviour_mask[:n_j]
+            out["segments"][i, sl] = j + 1
+            at += n_j
+        role[i] = ROLES[row[0].sample.role]
+        objective[i] = OBJECTIVES[row[0].sample.objective]
+        reward[i] = _row_reward(row[0].sample, reflector_reward, alpha)
     kinds = out["kinds"]
-    first_valid = out["valid"] & (out["positions"] == 0)
+    first_valid = out["valid"] & (out["positions"] == 0)      # every segment's first token
     loss_mask = trained_mask(kinds, observations) & out["valid"] & ~first_valid
     nonprompt = (kinds == KIND_GENERATED) | (kinds == KIND_OBSERVATION)
     reward_BxT = np.where(nonprompt, reward[:, None], 0.0).astype(np.float32)
+    flat = [s for row in rows for s in row]
     return Batch(
         tokens_BxT=out["tokens"], positions_BxT=out["positions"], valid_BxT=out["valid"], kinds_BxT=kinds,
         loss_mask_BxT=loss_mask, reward_BxT=reward_BxT, behaviour_logp_BxT=out["beh"],
         behaviour_mask_BxT=out["beh_mask"], role_B=role, objective_B=objective, reward_B=reward,
-        lengths_B=np.asarray(lens + [0] * (B - n), np.int32), n_rows=n,
-        n_truncated=sum(len(s) > max_len for s in samples),
+        lengths_B=np.asarray(lens + [0] * (B - n), np.int32), segments_BxT=out["segments"], n_rows=n,
+        n_truncated=sum(len(s) > max_len for s in flat),
         n_rows_untrained=int(np.sum(~loss_mask[:n].any(axis=1))),
-        n_behaviour_cut=sum(s.n_behaviour_cut for s in samples))
+        n_behaviour_cut=sum(s.n_behaviour_cut for s in flat), n_samples=len(flat))
 
 
 # ----------------------------------------------------------------------------------------------------

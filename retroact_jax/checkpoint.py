@@ -187,7 +187,7 @@ class Checkpointer:
         """Remove temporary folders of saves killed before they completed (only the writer calls
         this: a reader could remove a live writer's save in progress)."""
         gone = []
-        if self.directory.is_dir():
+        if self.directory.is_dir() and jax.process_index() == 0:
             for p in sorted(self.directory.iterdir()):
                 if _TMP_MARK in p.name and p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
@@ -198,7 +198,7 @@ class Checkpointer:
     def _set_aside(self, from_step: int) -> None:
         moved = False
         for s in self.all_steps:
-            if s >= from_step:
+            if s >= from_step and jax.process_index() == 0:
                 base = self.directory / SET_ASIDE / f"{s}-{time.strftime('%Y%m%dT%H%M%S')}"
                 dest, n = base, 1
                 while dest.exists():
@@ -236,6 +236,8 @@ class Checkpointer:
         why = self.check(step)
         if why is not None:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {why}")
+        if abstract_state is None:     # a reader: on this process's first device, whoever wrote it
+            abstract_state = self._local_target(step)
         try:
             out = self._mgr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -243,6 +245,14 @@ class Checkpointer:
             raise CheckpointError(f"cannot restore step {step} from {self.directory}: "
                                   f"{type(e).__name__}: {_first_line(e)}") from e
         return out["state"], out["meta"]
+
+    def _local_target(self, step: int) -> Any:
+        """The saved tree's shapes and dtypes on this process's first device (a checkpoint written
+        by several processes, or on other devices, restores without the writer's topology)."""
+        md = ocp.StandardCheckpointHandler().metadata(self.step_dir(step) / "state")
+        tree = getattr(md, "tree", md)
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
 
     def close(self) -> None:
         self._mgr.close()

@@ -135,15 +135,21 @@ def _run_errors() -> tuple:
 
 
 def init_jax(coordinator: str | None, num_processes: int | None, process_id: int | None,
-             compile_cache: str) -> None:
-    """Multi-host start (when asked) and the persistent compilation cache."""
+             compile_cache: str, heartbeat_timeout_s: int = 100) -> None:
+    """Multi-host start (when asked) and the persistent compilation cache. CPU processes talk
+    through gloo (XLA:CPU has no cross-process collectives otherwise; accelerators use their own).
+    A process silent for ``heartbeat_timeout_s`` (jax's default 100 s) stops every process."""
     import jax
     from absl import logging
     if coordinator:
         if num_processes is None or process_id is None:
             die("--coordinator_address needs --num_processes and --process_id")
+        if not 0 <= process_id < num_processes:
+            die(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+        if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+                                   process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
         logging.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(),
                      jax.process_count(), jax.device_count())
     if compile_cache:

@@ -1,4 +1,5 @@
-"""Decoding in segments with a shrinking batch: the few rows still running stop paying for the rest.
+"""Moving cache rows and slots: decoding in segments with a shrinking batch (the few rows still
+running stop paying for the rest), and compaction (dropping the shared write cursor's holes).
 
 ``Sampler.generate`` runs one compiled loop until its *last* row stops, every step costing a
 full-batch forward: at 32 rows, one completion that runs to its 250-token budget while the others
@@ -42,8 +43,36 @@ def _put_rows(cache: KVCache, logits_BxV, small: KVCache, small_logits_RxV, idx_
                     end=jnp.maximum(cache.end, small.end)), put(logits_BxV, small_logits_RxV))
 
 
+def _compact(cache: KVCache, idx_BxL, n_B) -> KVCache:
+    """Row b keeps the slots ``idx_BxL[b, :n_B[b]]`` (in order) at slots 0..n_B[b]-1; the rest
+    are invalid, the write cursor is ``max(n_B)``. Keys carry their RoPE already and positions
+    count valid slots, so the kept tokens attend and continue exactly as before."""
+    sampling.TRACE_COUNTS["compact"] += 1
+    take = lambda a: jnp.take_along_axis(a, idx_BxL[:, :, None, None], axis=1)
+    valid = jnp.arange(idx_BxL.shape[1], dtype=jnp.int32)[None, :] < n_B[:, None]
+    return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)), valid_BxS=valid,
+                   end=jnp.max(n_B).astype(jnp.int32))
+
+
+_compact_jit = jax.jit(_compact)
 _take_rows_jit = jax.jit(_take_rows)
 _put_rows_jit = jax.jit(_put_rows, donate_argnums=(0, 1))
+
+
+def compact(sampler: "sampling.Sampler", state, keep, reserve: int = 0):
+    """``Sampler.compact``: row i keeps its slots ``keep[i]`` at 0..len-1 (``_compact``)."""
+    if len(keep) != state.num_rows:
+        raise sampling.SamplerError(f"compact() got {len(keep)} rows, the state has {state.num_rows}")
+    n = max([len(k) for k in keep] + [0])
+    length = sampling.bucket(max(n + int(reserve), 1), sampler.length_buckets, "KV cache length (compacted)")
+    idx = np.zeros((state.cache.batch, length), np.int32)
+    counts = np.zeros((state.cache.batch,), np.int32)
+    for i, k in enumerate(keep):
+        k = np.asarray(k, np.int64).reshape(-1)
+        if k.size and (k.min() < 0 or k.max() >= state.cache.length):
+            raise sampling.SamplerError(f"compact(): row {i} keeps slots outside [0, {state.cache.length})")
+        idx[i, :k.size], counts[i] = k, k.size
+    return state.replace(cache=_compact_jit(state.cache, jnp.asarray(idx), jnp.asarray(counts)))
 
 
 def generate_segments(sampler: "sampling.Sampler", state, key=None, max_new_tokens=32, *,

@@ -18,6 +18,7 @@ fetched one step late so the host never blocks the device.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -163,6 +164,16 @@ class MetricsWriter:
         self.close()
 
 
+class NullWriter:
+    """``MetricsWriter``'s interface, writing nothing (processes other than 0 of a multi-host run)."""
+
+    def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -203,6 +214,11 @@ def compile_counters() -> dict:
         jax.monitoring.register_event_listener(_on_event)
         _listening = True
     return dict(_COMPILE)
+
+
+def live_array_gb() -> float:
+    """GB of the JAX arrays alive now (``jax.live_arrays``): after a stage, what it left behind."""
+    return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted()) / 1e9
 
 
 def rss_gb() -> tuple[float, float]:
@@ -251,9 +267,11 @@ class StageMemory:
 
     def __exit__(self, *exc):
         c1 = compile_counters()
+        gc.collect()                  # the stage's models / learner / caches, if nothing holds them
         _release_free_heap()
         rss, peak = rss_gb()
         self.summary = {"peak_rss_gb": round(peak, 2), "end_rss_gb": round(rss, 2),
+                        "live_arrays_gb": round(live_array_gb(), 3),
                         "peak_is_process_peak": not self._exact,
                         "wall_s": round(time.time() - self._t0, 1),
                         **{k: round(c1[k] - self._c0[k], 1) if k == "compile_s" else c1[k] - self._c0[k]
@@ -262,6 +280,7 @@ class StageMemory:
 
     def line(self) -> str:
         s = self.summary
-        return (f"stage {self.stage}: peak RSS {s['peak_rss_gb']:.2f} GB (end {s['end_rss_gb']:.2f}), "
+        return (f"stage {self.stage}: peak RSS {s['peak_rss_gb']:.2f} GB (end {s['end_rss_gb']:.2f}, "
+                f"live arrays {s['live_arrays_gb']:.2f}), "
                 f"wall {s['wall_s']:.0f} s, compile {s['compile_s']:.0f} s ({s['compiles']} compiles, "
                 f"persistent cache {s['cache_hits']} hits / {s['cache_misses']} misses)")

@@ -81,13 +81,41 @@ class Completion:
 
 
 # --------------------------------------------------------------------------- pure traced functions
+SCORES_BUDGET = 256 * 2 ** 20   # bytes of one layer's [B, heads, T, S] float32 scores in an extension
+
+
+def sub_chunk(batch: int, heads: int, t: int, slots: int, budget: int | None = None) -> int:
+    """Queries per pass of an extension of ``t`` tokens into ``slots`` cache slots: ``t`` halved
+    (while it divides) until one layer's float32 scores fit ``budget`` (default ``SCORES_BUDGET``;
+    at least 16 queries)."""
+    budget = SCORES_BUDGET if budget is None else budget
+    sub = t
+    while sub % 2 == 0 and sub > 16 and batch * heads * sub * slots * 4 > budget:
+        sub //= 2
+    return sub
+
+
 def _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT):
-    """Write T (left-padded) tokens per row; rows with no new token keep their logits."""
+    """Write T (left-padded) tokens per row; rows with no new token keep their logits. A long
+    extension runs as a scan over query sub-chunks (``sub_chunk``): each query sees the same slots
+    and the same math, but the default attention's [B, heads, T, S] scores are a sub-chunk's (a
+    1024-token prefill at batch 32 into 4096 slots: 4.8 GB per layer otherwise)."""
     TRACE_COUNTS["extend"] += 1
+    b, t = tokens_BxT.shape
     model = nnx.merge(graphdef, params)
-    logits, cache = model(tokens_BxT, positions_after(cache, valid_BxT), valid_BxT, cache=cache,
-                          last_only=True)
-    return cache, jnp.where(valid_BxT[:, -1:], logits, last_logits_BxV)
+    sub = sub_chunk(b, model.cfg.num_heads, t, cache.length)
+
+    def run(cache, last_BxV, tok_BxC, val_BxC):
+        logits, cache = nnx.merge(graphdef, params)(tok_BxC, positions_after(cache, val_BxC), val_BxC,
+                                                    cache=cache, last_only=True)
+        return cache, jnp.where(val_BxC[:, -1:], logits, last_BxV)
+
+    if sub == t:
+        return run(cache, last_logits_BxV, tokens_BxT, valid_BxT)
+    split = lambda a: a.reshape(b, t // sub, sub).transpose(1, 0, 2)  # noqa: E731  [n, B, sub]
+    (cache, logits), _ = jax.lax.scan(lambda c, xs: (run(*c, *xs), None), (cache, last_logits_BxV),
+                                      (split(tokens_BxT), split(valid_BxT)))
+    return cache, logits
 
 
 def _nucleus(scaled_BxV, top_p):
@@ -129,16 +157,13 @@ def _seq_stopped(recent_BxL, stop_SxL):
 
 def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B, stop_mask_V, stop_SxL,
             eos_E, temperature, top_p, recent_BxL=None, *, n_max: int, pad_id: int):
-    """Up to ``n_max`` steps; returns (cache, logits, tokens, logp, count, stopped_B, recent_BxL):
-    ``stopped_B`` = the row ended on a stop / eos token or sequence (not on its budget),
-    ``recent_BxL`` = its last generated tokens (pass them back to continue a row's stop sequences
-    in a later call, ``decode_segments.py``)."""
+    """Up to ``n_max`` steps -> (cache, logits, tokens, logp, count, stopped_B (on a stop / eos, not
+    the budget), recent_BxL (last tokens: continue stop sequences in a later call))."""
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params)
     b = max_new_B.shape[0]
     ends_V = stop_mask_V | jnp.any(jnp.arange(stop_mask_V.shape[0])[:, None] == eos_E[None, :], axis=-1)
-    tokens0 = jnp.full((b, n_max), pad_id, jnp.int32)
-    logp0 = jnp.zeros((b, n_max), jnp.float32)
+    tokens0, logp0 = jnp.full((b, n_max), pad_id, jnp.int32), jnp.zeros((b, n_max), jnp.float32)
 
     def cond(c):
         i, done = c[0], c[5]
@@ -163,8 +188,7 @@ def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B,
         return (i + 1, cache, logits, tokens, logp, done, count + live.astype(jnp.int32), key,
                 jnp.where(live[:, None], recent, c[8]), halted | (stopped & live))
 
-    if recent_BxL is None:
-        recent_BxL = jnp.full((b, stop_SxL.shape[1]), -2, jnp.int32)   # matches no sequence position
+    recent_BxL = jnp.full((b, stop_SxL.shape[1]), -2, jnp.int32) if recent_BxL is None else recent_BxL
     init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, tokens0, logp0, max_new_B <= 0,
             jnp.zeros((b,), jnp.int32), key, recent_BxL, jnp.zeros((b,), bool))
     _, cache, logits, tokens, logp, _, count, _, recent, halted = jax.lax.while_loop(cond, body, init)
@@ -187,25 +211,12 @@ def _grow(cache: KVCache, length: int) -> KVCache:
                    valid_BxS=jnp.pad(cache.valid_BxS, ((0, 0), (0, extra))), end=cache.end)
 
 
-def _compact(cache: KVCache, idx_BxL, n_B) -> KVCache:
-    """Row b keeps the slots ``idx_BxL[b, :n_B[b]]`` (in order) at slots 0..n_B[b]-1; the rest
-    are invalid, the write cursor is ``max(n_B)``. Keys carry their RoPE already and positions
-    count valid slots, so the kept tokens attend and continue exactly as before."""
-    TRACE_COUNTS["compact"] += 1
-    take = lambda a: jnp.take_along_axis(a, idx_BxL[:, :, None, None], axis=1)
-    valid = jnp.arange(idx_BxL.shape[1], dtype=jnp.int32)[None, :] < n_B[:, None]
-    return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)), valid_BxS=valid,
-                   end=jnp.max(n_B).astype(jnp.int32))
-
-
 _extend_jit = jax.jit(_extend, static_argnums=0, donate_argnums=(2, 3))
 _decode_jit = jax.jit(_decode, static_argnums=0, static_argnames=("n_max", "pad_id"),
                       donate_argnums=(2, 3))
 _prefill_decode_jit = jax.jit(_prefill_decode, static_argnums=0,
                               static_argnames=("n_max", "pad_id"), donate_argnums=(2, 3))
 _grow_jit = jax.jit(_grow, static_argnums=1)   # new shapes: donation would not help
-_compact_jit = jax.jit(_compact)
-
 
 # ------------------------------------------------------------------------------------ host side
 class Sampler:
@@ -342,33 +353,20 @@ class Sampler:
         return state.replace(cache=cache, last_logits_BxV=logits)
 
     def compact(self, state: SamplerState, keep: Sequence[Sequence[int]], reserve: int = 0) -> SamplerState:
-        """Drop every hole: row i keeps its slots ``keep[i]`` (in order) at slots 0..len-1 of a
-        cache in the length bucket of ``max(len(keep[i])) + reserve`` (a gather, ``_compact``)."""
-        if len(keep) != state.num_rows:
-            raise SamplerError(f"compact() got {len(keep)} rows, the state has {state.num_rows}")
-        n = max([len(k) for k in keep] + [0])
-        length = bucket(max(n + int(reserve), 1), self.length_buckets, "KV cache length (compacted)")
-        idx = np.zeros((state.cache.batch, length), np.int32)
-        counts = np.zeros((state.cache.batch,), np.int32)
-        for i, k in enumerate(keep):
-            k = np.asarray(k, np.int64).reshape(-1)
-            if k.size and (k.min() < 0 or k.max() >= state.cache.length):
-                raise SamplerError(f"compact(): row {i} keeps slots outside [0, {state.cache.length})")
-            idx[i, :k.size], counts[i] = k, k.size
-        return state.replace(cache=_compact_jit(state.cache, jnp.asarray(idx), jnp.asarray(counts)))
+        """Drop the holes: row i keeps slots ``keep[i]`` (in order) at 0..len-1 (decode_segments)."""
+        from retroact_jax.decode_segments import compact
+        return compact(self, state, keep, reserve)
 
     def generate(self, state: SamplerState, key=None, max_new_tokens=32, *, temperature=0.0, top_p=1.0,
                  stop_mask=None, stop_seqs=None, eos_ids=None, min_new_tokens=0,
                  segment: int = 0, shrink: int = 4) -> tuple[SamplerState, Completion]:
-        """Continue every row (``max_new_tokens``: int or one per row; 0 = leave the row alone;
-        ``min_new_tokens``: int or one per row, see the module docstring). ``segment`` > 0: that
-        many steps per call, running rows moved to a smaller batch (``decode_segments.py``)."""
+        """Continue every row (``max_new_tokens`` / ``min_new_tokens``: int or one per row, 0 = leave
+        the row alone). ``segment`` > 0: that many steps per call, in a shrinking batch (decode_segments)."""
         if segment:
             from retroact_jax.decode_segments import generate_segments
-            return generate_segments(self, state, key, max_new_tokens, temperature=temperature,
-                                     top_p=top_p, stop_mask=stop_mask, stop_seqs=stop_seqs,
-                                     eos_ids=eos_ids, min_new_tokens=min_new_tokens,
-                                     segment=segment, shrink=shrink)
+            kw = dict(temperature=temperature, top_p=top_p, stop_mask=stop_mask, stop_seqs=stop_seqs,
+                      eos_ids=eos_ids, min_new_tokens=min_new_tokens, segment=segment, shrink=shrink)
+            return generate_segments(self, state, key, max_new_tokens, **kw)
         mx = self._budgets(max_new_tokens, state.num_rows, state.cache.batch)
         mn = self._budgets(min_new_tokens, state.num_rows, state.cache.batch, "min_new_tokens")
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")

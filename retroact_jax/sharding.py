@@ -130,18 +130,3 @@ def explain(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DECODER_RULE
         lines.append(f"{name} {shape} -> {got}{note}")
     jax.tree_util.tree_map_with_path(one, tree)
     return lines
-
-
-def host_local_batch_size(global_batch: int) -> int:
-    """Per-process batch for multi-host runs (each host feeds its own rows)."""
-    n = jax.process_count()
-    if global_batch % n:
-        raise ShardingError(f"global batch {global_batch} is not divisible by {n} processes")
-    return global_batch // n
-
-
-def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """Place a host-local batch shard as the process's part of a global array."""
-    if jax.process_count() == 1:
-        return jax.device_put(array, sharding)
-    return jax.make_array_from_process_local_data(sharding, array)

@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from retroact_jax import batching, losses, optim, sharding
+from retroact_jax import batching, distributed, losses, optim, sharding
 from retroact_jax.models.decoder import set_memory_options
 
 ROLES = losses.ROLES
@@ -67,7 +67,7 @@ def _filler(B: int, T: int, pad_id: int) -> dict[str, np.ndarray]:
                 loss_mask_BxT=z(bool), reward_BxT=z(np.float32), behaviour_logp_BxT=z(np.float32),
                 behaviour_mask_BxT=z(bool), role_B=np.zeros(B, np.int32),
                 objective_B=np.full(B, losses.OBJECTIVE_IL, np.int32), reward_B=np.zeros(B, np.float32),
-                lengths_B=np.zeros(B, np.int32))
+                lengths_B=np.zeros(B, np.int32), segments_BxT=z(np.int32))
 
 
 def _pad_to(arrays: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -84,6 +84,7 @@ def _pad_to(arrays: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.
 def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows: Mapping[str, int],
                  buckets: Sequence[int], pad_id: int, **collate_kwargs) -> tuple[dict[str, np.ndarray], dict]:
     """One step's arrays: ``rows[role]`` rows per role (planner first), one common length bucket.
+    A row is a sample or a list of samples packed into one row (``batching.collate``).
 
     Returns the arrays and host-side counts (real rows, truncated rows per role).
     """
@@ -93,17 +94,19 @@ def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows
         got = list(samples.get(role, ()))
         if len(got) > B:
             raise TrainError(f"{len(got)} {role} samples for a step of {B} {role} rows")
-        if any(s.sample.role != role for s in got):
+        flat = [s for row in got for s in (row if isinstance(row, (list, tuple)) else (row,))]
+        if any(s.sample.role != role for s in flat):
             raise TrainError(f"a sample in the {role} part of a step has another role")
         if B == 0:
             continue
         if got:
             b = batching.collate(got, buckets, pad_id, batch_size=B, **collate_kwargs)
             parts[role] = b.arrays()
-            stats[role] = {"rows": b.n_rows, "truncated": b.n_truncated, "untrained": b.n_rows_untrained}
+            stats[role] = {"rows": b.n_rows, "truncated": b.n_truncated, "untrained": b.n_rows_untrained,
+                           "samples": b.n_samples}
         else:
             parts[role] = None
-            stats[role] = {"rows": 0, "truncated": 0, "untrained": 0}
+            stats[role] = {"rows": 0, "truncated": 0, "untrained": 0, "samples": 0}
         T = max(T, parts[role]["tokens_BxT"].shape[1] if parts[role] is not None else 0)
     if not parts:
         raise TrainError("a step needs rows for at least one role")
@@ -118,7 +121,7 @@ def collate_step(samples: Mapping[str, Sequence[batching.TokenizedSample]], rows
 
 
 # ------------------------------------------------------------------------------------ memory settings
-ATTENTIONS, REMATS = ("default", "dot_product", "blockwise"), ("none", "dots", "full")
+ATTENTIONS, REMATS = ("default", "dot_product", "blockwise"), ("none", "dots", "full", "layer")
 
 
 def memory_kwargs(train_cfg: Any) -> dict:
@@ -205,12 +208,14 @@ class Learner:
             st_sh = sharding.tree_shardings(self.state, mesh, rules)
             fr_sh = sharding.tree_shardings(frozen, mesh, rules)
             if not self.abstract:
-                self.state = jax.device_put(self.state, st_sh)
-                frozen = jax.device_put(frozen, fr_sh)
+                self.state = distributed.place(self.state, st_sh)
+                frozen = distributed.place(frozen, fr_sh)
                 # the models take the placed frozen weights: samplers / scorers split from them (the
-                # RL behaviour policy) share this one copy, and the unplaced originals are freed
+                # RL behaviour policy) share this one copy, and the unplaced originals are freed.
+                # Several processes: the models keep their local copy (each process samples alone)
                 for r, name in self.role_name.items():
-                    nnx.update(self.models[r], frozen[name])
+                    if distributed.count() == 1:
+                        nnx.update(self.models[r], frozen[name])
             self._batch_sh = {"2": sharding.batch_sharding(mesh, 2), "1": sharding.batch_sharding(mesh, 1)}
             self._jit = jax.jit(self._step_fn, donate_argnums=(0,),
                                 in_shardings=(st_sh, fr_sh, None), out_shardings=(st_sh, None))
@@ -218,6 +223,7 @@ class Learner:
             self._batch_sh = None
             self._jit = jax.jit(self._step_fn, donate_argnums=(0,))
         self._frozen = frozen
+        self._synced = None        # the state last written into the models (sync_models)
 
     # -- the pure step ------------------------------------------------------------------------------
     def _logp(self, params, rngs, frozen, batch):
@@ -240,8 +246,9 @@ class Learner:
             # rows of one model are contiguous (planner then reflector), so one forward per model
             a, b = mine[0][1], mine[-1][2]
             sl = lambda x: x[a:b]  # noqa: E731
+            seg = batch.get("segments_BxT")     # packed rows (batching.collate); None: one per row
             h_BxTxD, _ = model.hidden(sl(batch["tokens_BxT"]), sl(batch["positions_BxT"]),
-                                      sl(batch["valid_BxT"]))
+                                      sl(batch["valid_BxT"]), segments_BxT=None if seg is None else sl(seg))
             # the last position predicts no trained token: the head runs on T-1 positions, in chunks
             # of head_chunk positions (never the whole [B, T, V] logits, recomputed in the backward)
             lp, ent = losses.head_logprobs_and_entropy(model.head, h_BxTxD[:, :-1], sl(batch["tokens_BxT"]),
@@ -295,7 +302,7 @@ class Learner:
                              f"({self.rows})")
         arrays = {k: v for k, v in batch.items() if k in _STEP_KEYS}
         if self._batch_sh is not None:
-            arrays = {k: sharding.to_global(np.asarray(v), self._batch_sh[str(np.ndim(v))])
+            arrays = {k: distributed.global_batch(np.asarray(v), self._batch_sh[str(np.ndim(v))])
                       for k, v in arrays.items()}
         with _maybe_mesh(self.mesh):
             self.state, metrics = self._jit(self.state, self._frozen, arrays)
@@ -315,11 +322,16 @@ class Learner:
             self.check(self._latest, self.step_count)
 
     def sync_models(self) -> None:
-        """Write the trained parameters back into the NNX models (for sampling, scoring, export)."""
+        """Write the trained parameters back into the NNX models (for sampling, scoring, export);
+        with several processes, as local copies (a collective: every process calls it)."""
+        if self._synced is self.state:
+            return
         for name in self.names:
+            params, rngs = distributed.local_copy((self.state["params"][name], self.state["rngs"][name]))
             for r in ROLES:
                 if self.role_name.get(r) == name:
-                    nnx.update(self.models[r], self.state["params"][name], self.state["rngs"][name])
+                    nnx.update(self.models[r], params, rngs)
+        self._synced = self.state
 
     @property
     def step_count(self) -> int:
@@ -327,7 +339,7 @@ class Learner:
 
 
 _STEP_KEYS = ("tokens_BxT", "positions_BxT", "valid_BxT", "loss_mask_BxT", "reward_BxT",
-              "behaviour_logp_BxT", "behaviour_mask_BxT", "role_B", "objective_B")
+              "behaviour_logp_BxT", "behaviour_mask_BxT", "role_B", "objective_B", "segments_BxT")
 
 
 class _maybe_mesh:

@@ -15,7 +15,7 @@ from retroact_jax.models.decoder import (Decoder, KVCache, positions_after, posi
 from retroact_jax.models.lora import LoRAConfig, apply_lora
 
 OPTIONS = [("dot_product", "none"), ("blockwise", "none"), ("default", "dots"), ("default", "full"),
-           ("blockwise", "full"), ("dot_product", "dots")]
+           ("blockwise", "full"), ("dot_product", "dots"), ("default", "layer"), ("blockwise", "layer")]
 
 
 def _batch(seed=0, lengths=(29, 11, 1, 20), t=29):

@@ -164,8 +164,11 @@ def test_public_api_and_method_table():
     import retroact_jax
     from retroact_jax.stages import methods
     assert retroact_jax.run is pipeline.run and retroact_jax.validate is validate.validate
-    assert list(retroact_jax.METHODS) == ["react", "reflexion", "sft", "sft_ei", "sft_rl", "retroact"]
-    assert [m.eval_trials(10) for m in methods.METHODS.values()] == [1, 10, 1, 1, 1, 10]
+    assert list(retroact_jax.METHODS) == ["react", "reflexion", "sft", "sft_ei", "sft_rl", "retroact",
+                                          "retroact_single"]
+    assert [m.eval_trials(10) for m in methods.METHODS.values()] == [1, 10, 1, 1, 1, 10, 10]
+    single = methods.get("retroact_single")     # = retroact with --config.multi_agent=False, by name
+    assert not single.multi_agent(True) and single.run_name(True) == methods.get("retroact").run_name(False)
     assert retroact_jax.benchmark("intercode_sql").primary == "reward"
     with pytest.raises(AttributeError):
         retroact_jax.no_such_name

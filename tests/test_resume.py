@@ -39,7 +39,8 @@ def overrides(data: pathlib.Path, **extra) -> dict:
          "train.rows_planner": 2, "train.rows_reflector": 1, "train.eval_every": 0,
          "train.checkpoint_every": 8, "train.keep_checkpoints": 3, "train.log_every": 1,
          "train.progress": False, "train.tensorboard": False, "export.enabled": False,
-         "optimizer.warmup_steps": 4, "optimizer.learning_rate": 1e-2}
+         "optimizer.warmup_steps": 4, "optimizer.learning_rate": 1e-2,
+         "train.pack": True}   # packed epochs resume exactly too
     o.update(extra)
     return o
 

@@ -219,6 +219,27 @@ def test_compact_drops_holes_and_keeps_the_continuation(model):
         sampler.compact(small, [[0], [1], [64], []])
 
 
+def test_long_extension_in_query_sub_chunks_equals_one_pass(model, monkeypatch):
+    """An extension whose scores pass the budget runs as a scan over query sub-chunks: the same
+    cache, positions and next-token logits as one pass (prefill, then an extension with holes)."""
+    assert sampling.sub_chunk(32, 9, 1024, 4096) == 32 and sampling.sub_chunk(4, 9, 1024, 2048) == 512
+    assert sampling.sub_chunk(1, 9, 40, 64, budget=1) == 10 and sampling.sub_chunk(1, 9, 48, 64, budget=1) == 12
+    outs = []
+    for budget in (sampling.SCORES_BUDGET, 1):          # 1 byte: every extension of > 16 tokens splits
+        monkeypatch.setattr(sampling, "SCORES_BUDGET", budget)
+        sampler = sampling.Sampler(model, eos_ids=(), chunk_buckets=(64,), length_buckets=(256,))
+        state = sampler.start([list(range(3, 40)), [9, 10], list(range(50, 114))])
+        state = sampler.extend(state, [[100, 101, 102], [], list(range(200, 240))])
+        state, out = sampler.generate(state, max_new_tokens=4)
+        outs.append((state, out))
+    (s0, o0), (s1, o1) = outs
+    assert sampling.TRACE_COUNTS["extend"] >= 2
+    np.testing.assert_allclose(np.asarray(s1.last_logits_BxV), np.asarray(s0.last_logits_BxV), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.cache), jax.tree.leaves(s0.cache)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert (o1.tokens_BxN == o0.tokens_BxN).all()
+
+
 def test_no_recompile_within_buckets(model):
     sampler = sampling.Sampler(model, eos_ids=())
     sampler.sample(PROMPTS, max_new_tokens=10)

@@ -19,3 +19,15 @@ def test_stage_peak_rss_is_per_stage_and_compiles_are_counted():
         assert small.summary["peak_rss_gb"] < big.summary["peak_rss_gb"] - 0.25
     assert small.summary["compiles"] == 0
     assert small.line().startswith("stage small: peak RSS ")
+
+
+def test_stage_reports_the_arrays_it_leaves_alive():
+    """``live_arrays_gb``: what a stage leaves behind (a leak shows here, freed arrays do not)."""
+    with metrics.StageMemory("frees") as frees:
+        x = jnp.ones((1000, 1000), jnp.float32) + 1      # 4 MB, dropped before the stage ends
+        del x
+    kept = []
+    with metrics.StageMemory("keeps") as keeps:
+        kept.append(jnp.ones((2000, 1000), jnp.float32) + 1)   # 8 MB still referenced
+    assert keeps.summary["live_arrays_gb"] >= frees.summary["live_arrays_gb"] + 0.007
+    assert "live arrays" in keeps.line()

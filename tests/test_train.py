@@ -118,7 +118,8 @@ def test_memory_settings_give_the_same_step_and_leave_the_models_alone():
     rows = {"planner": 2, "reflector": 1}
     results = []
     for kw in (dict(head_chunk=0), dict(head_chunk=7, memory=dict(attention="blockwise", attention_block=16,
-                                                                   remat="full"))):
+                                                                   remat="full")),
+               dict(head_chunk=7, memory=dict(remat="layer"))):
         models = {"planner": _model(0), "reflector": _model(1)}
         apply_lora(models["reflector"], LoRAConfig(rank=4, alpha=8, dropout=0.1), nnx.Rngs(params=1, dropout=2))
         learner = train.Learner(models, optimizer=OPT, rows=rows, **kw)
@@ -126,10 +127,11 @@ def test_memory_settings_give_the_same_step_and_leave_the_models_alone():
         learner.sync_models()
         assert all(mod.cfg.attention == "default" and mod.cfg.remat == "none" for mod in models.values())
         results.append((m, {r: nnx.state(models[r], nnx.Param) for r in models}))
-    (m0, p0), (m1, p1) = results
-    for k in m0:
-        assert m1[k] == pytest.approx(m0[k], abs=1e-5), k
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), p0, p1)
+    (m0, p0), *rest = results
+    for m1, p1 in rest:
+        for k in m0:
+            assert m1[k] == pytest.approx(m0[k], abs=1e-5), k
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), p0, p1)
 
 
 def test_lora_trains_only_adapters():

@@ -33,7 +33,12 @@ episodes are 10x longer, hence its test subset):
                                                                               ~ 70 min
     compiles (~40 s each, persistent cache on later runs)                     ~ 15 min
     total                                                                     ~ 2.9 h
-If the first stages run slower than this, cut (in this order) rl.collect.tasks_per_iteration,
+The per-stage figures above are estimates from the benchmarks' idle step costs, not an end-to-end
+measurement. Measured (2026-12-07, the shared machine at load 11-15, so ~5x slower than idle): a
+smoke run of this config (react + sft, 2 test tasks, K 2, 6 IL steps) took 9 min 11 s, peak RSS
+2.6 GB: react eval 115 s (34 s compiling), IL planner 332 s (expert on 733 questions, 160 s
+compiling, ~17 s per 500-token step), sft eval 95 s. RUN.md of the real run records every stage.
+If the first stages run slower than the estimate, cut (in this order) rl.collect.tasks_per_iteration,
 rl.train.iterations, il.train.max_steps; never the test tasks or K below 5.
 """
 from experiments.configs.common import base
@@ -57,7 +62,10 @@ def get_config():
     c.eval.env_workers = 4               # threads / processes stepping the envs
     c.eval.num_examples = 2              # few-shot exemplars of ReAct / Reflexion
     c.eval.cache_buckets = "1024,2048,4096"     # few KV-cache lengths: few compiles
-    c.eval.chunk_buckets = "16,64,256,1024,2048"  # extension chunk lengths (few-shot prompts: 2048)
+    c.eval.chunk_buckets = "16,64,256,1024,2048,4096"  # prefill / extension chunk lengths: a prompt must
+                                         #   fit one chunk (Reflexion's reflector prompt: exemplars ~500 +
+                                         #   a HotpotQA scratchpad up to 1600 tokens; a 4096 chunk at 16
+                                         #   rows holds ~10 GB of attention scores: rare, but watch RSS)
     # --- IL: every method's start; LoRA r 8 q/v, rows over 1536 tokens dropped (a truncated row loses
     # its end: the answer, the submit, the reflection), loss on what the agent writes (observations
     # masked: the quickstart's finding), lr 1e-3 (LoRA; the quickstart's), capped steps for the budget
@@ -67,6 +75,7 @@ def get_config():
     c.il.train.buckets = "512,1024,1536" # padded row lengths (one compile each)
     c.il.train.epochs = 1                # one pass at most; max_steps cuts it for the budget
     c.il.train.max_steps = 150           # steps per IL stage (1 row per role per step)
+    c.il.train.pack = False              # one sample per row, as budgeted (packed: ~2.5x samples per step, each a full row)
     c.il.train.observations = "masked"   # train the thoughts / actions / reflections only
     c.il.train.eval_every = 150          # held-out loss before and after only
     c.il.train.log_every = 10            # train metrics every n steps

@@ -6,6 +6,10 @@ given planner / reflector policies, appending every finished trial to
 skipped and unfinished ones continue at their next trial with their memory, so an interrupted
 evaluation resumes where it stopped and never writes a trial twice. A tqdm bar shows tasks done,
 trials run, tasks solved and the ETA.
+
+``evaluate_shared(...)``: the same over several processes (``retroact_jax.distributed``): each
+process plays its share of the tasks into its own part directory, then every process gets all the
+records, in (task, trial) order, and the summary of all of them.
 """
 from __future__ import annotations
 
@@ -95,3 +99,27 @@ def evaluate(env_name: str, split: str, task_indices: Sequence[int], planner, re
                                    summary_trials or agent_cfg.trials)
     summary["wall_s"] = time.perf_counter() - t0
     return summary
+
+
+def evaluate_shared(env_name: str, split: str, task_indices: Sequence[int], planner, reflector,
+                    agent_cfg: loop.AgentConfig, run_dir: str | pathlib.Path, *,
+                    summary_trials: int | None = None, **kwargs) -> tuple[list[dict], dict]:
+    """``evaluate`` of this process's share of the tasks (all of them with one process), every
+    process's records gathered: (the records of all the tasks in (task, trial) order, their summary).
+    ``kwargs``: those of ``evaluate``. Every process must call it (a collective)."""
+    from retroact_jax import distributed
+    mine = distributed.share(task_indices)
+    part = distributed.part_dir(run_dir)
+    summary = (evaluate(env_name, split, mine, planner, reflector, agent_cfg, part,
+                        summary_trials=summary_trials, **kwargs) if mine else None)
+    wanted = {int(i) for i in mine}
+    recs = ([r for r in evaluation.TrajectoryLog(part / "trajectories.jsonl").load()
+             if int(r["task_index"]) in wanted] if mine else [])
+    if distributed.count() > 1:
+        parts = distributed.allgather_json({"records": recs, "wall_s": summary["wall_s"] if summary else 0.0})
+        recs = [r for p in parts for r in p["records"]]
+        summary = evaluation.summarize(env_name, recs, summary_trials or agent_cfg.trials)
+        summary["wall_s"] = max(p["wall_s"] for p in parts)
+        summary["processes"] = len(parts)
+    recs.sort(key=lambda r: (int(r["task_index"]), int(r["trial"])))
+    return recs, summary

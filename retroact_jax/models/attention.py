@@ -3,7 +3,9 @@
 All take pre-scaled queries ``q_BxTxKxGxH`` (head ``n = k * G + g``, HF's ``repeat_kv`` order), keys
 and values ``[B, S, K, H]`` and a ``Mask``, and return ``[B, T, K*G*H]`` in the compute dtype. The
 mask is never stored as [T, S] scores: query ``t`` (at cache slot ``qslot_T[t]``) sees key ``s`` iff
-``s <= qslot_T[t]`` and ``kvalid_BxS[b, s]``. Scores and softmax are float32 in every form.
+``s <= qslot_T[t]`` and ``kvalid_BxS[b, s]``, and, for packed rows (several samples in one row,
+``batching.pack_rows``; no cache, so S = T), ``segment_BxS[b, t] == segment_BxS[b, s]``: a sample
+never sees another one. Scores and softmax are float32 in every form.
 
 * ``default``: two batched GEMMs over full [B, K, G*T, S] float32 scores (fastest on this CPU; the
   layouts are chosen for XLA:CPU, bench/README.md). Memory O(T * S) per layer, kept for backward.
@@ -36,11 +38,16 @@ _F32 = jnp.float32
 class Mask:
     qslot_T: jax.Array      # int32 [T]: the cache slot of each query (its own index without cache)
     kvalid_BxS: jax.Array   # bool [B, S]: valid key slots
+    segment_BxS: jax.Array | None = None   # int32 [B, S]: packed sample of each slot (None: one per row)
 
     def full(self):
         """The boolean [B, T, S] mask (what ``default`` and ``dot_product`` use)."""
         s_idx = jnp.arange(self.kvalid_BxS.shape[1], dtype=jnp.int32)
-        return (s_idx[None, None, :] <= self.qslot_T[None, :, None]) & self.kvalid_BxS[:, None, :]
+        m = (s_idx[None, None, :] <= self.qslot_T[None, :, None]) & self.kvalid_BxS[:, None, :]
+        if self.segment_BxS is not None:
+            seg = self.segment_BxS
+            m = m & (seg[:, :, None] == seg[:, None, :])
+        return m
 
 
 def attend(impl: str, q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, full_BxTxS=None,
@@ -54,7 +61,7 @@ def attend(impl: str, q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, full_BxTxS=
         return attend_one(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask.full() if full is None else full)
     if impl == "blockwise":
         return attend_blockwise(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask.qslot_T, mask.kvalid_BxS,
-                                block)
+                                block, mask.segment_BxS)
     if impl == "default":
         return attend_many(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, full)
     raise ValueError(f"attention implementation {impl!r}: choose one of {IMPLEMENTATIONS}")
@@ -131,7 +138,9 @@ def _blocks(n: int, block: int) -> tuple[int, int]:
     return bl, -(-n // bl)
 
 
-def attend_blockwise(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, qslot_T, kvalid_BxS, block: int = 512):
+def attend_blockwise(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, qslot_T, kvalid_BxS, block: int = 512,
+                     segment_BxS=None):
+    """``segment_BxS`` (packed rows, S = T): a query sees keys of its own segment only."""
     b, t, nk, g, h = q_BxTxKxGxH.shape
     s_len = k_BxSxKxH.shape[1]
     bq, nq = _blocks(t, block)
@@ -145,26 +154,36 @@ def attend_blockwise(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, qslot_T, kvalid_BxS, blo
     qs = jnp.pad(qslot_T.astype(jnp.int32), (0, nq * bq - t), constant_values=-1).reshape(nq, bq)
     kok = jnp.pad(kvalid_BxS, ((0, 0), (0, nkb * bk - s_len))).reshape(b, nkb, bk).transpose(1, 0, 2)
     ks = jnp.arange(nkb * bk, dtype=jnp.int32).reshape(nkb, bk)
-    o = _flash(q, k, v, qs, kok, ks)                                        # [nq, B, K, G, bq, H]
+    seg = None
+    if segment_BxS is not None:      # (query segments [nq, B, bq], key segments [nkb, B, bk])
+        sq = jnp.pad(segment_BxS, ((0, 0), (0, nq * bq - t)), constant_values=-1)
+        sk = jnp.pad(segment_BxS, ((0, 0), (0, nkb * bk - s_len)), constant_values=-2)
+        seg = (sq.reshape(b, nq, bq).transpose(1, 0, 2), sk.reshape(b, nkb, bk).transpose(1, 0, 2))
+    o = _flash(q, k, v, qs, kok, ks, seg)                                        # [nq, B, K, G, bq, H]
     o = o.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, nk * g * h)
     return o[:, :t]
 
 
-def _block_scores(qb, kb, qs_q, ks_c, kok_Bxc):
-    """Masked float32 scores [B, K, G, bq, bk] of one (query block, key block) pair, and the mask."""
+def _block_scores(qb, kb, qs_q, ks_c, kok_Bxc, sq_Bxq=None, sk_Bxc=None):
+    """Masked float32 scores [B, K, G, bq, bk] of one (query block, key block) pair, and the mask.
+    ``sq_Bxq`` / ``sk_Bxc``: the blocks' segment ids (packed rows), or None."""
     s = jnp.einsum("bkgqh,bkch->bkgqc", qb, kb, preferred_element_type=_F32)
     m = (ks_c[None, :] <= qs_q[:, None])[None, None, None] & kok_Bxc[:, None, None, None, :]
+    if sq_Bxq is not None:
+        m = m & (sq_Bxq[:, :, None] == sk_Bxc[:, None, :])[:, None, None]
     return jnp.where(m, s, _NEG), m
 
 
-def _forward(q, k, v, qs, kok, ks):
+def _forward(q, k, v, qs, kok, ks, seg):
+    sq, sk = seg if seg is not None else (None, None)
+
     def one_qblock(args):
-        qb, qs_q = args
+        qb, qs_q, sq_b = args
 
         def body(carry, xs):
             m_i, l_i, acc = carry
-            kb, vb, kok_b, ks_c = xs
-            s, _ = _block_scores(qb, kb, qs_q, ks_c, kok_b)
+            kb, vb, kok_b, ks_c, sk_b = xs
+            s, _ = _block_scores(qb, kb, qs_q, ks_c, kok_b, sq_b, sk_b)
             m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
             corr = jnp.exp(m_i - m_new)
             p = jnp.exp(s - m_new[..., None])
@@ -174,51 +193,52 @@ def _forward(q, k, v, qs, kok, ks):
 
         shp = qb.shape[:-1]
         init = (jnp.full(shp, _NEG, _F32), jnp.zeros(shp, _F32), jnp.zeros(qb.shape, _F32))
-        (m_i, l_i, acc), _ = jax.lax.scan(body, init, (k, v, kok, ks))
+        (m_i, l_i, acc), _ = jax.lax.scan(body, init, (k, v, kok, ks, sk))
         return (acc / l_i[..., None]).astype(qb.dtype), m_i + jnp.log(l_i)
 
-    return jax.lax.map(one_qblock, (q, qs))
+    return jax.lax.map(one_qblock, (q, qs, sq))
 
 
 @jax.custom_vjp
-def _flash(q, k, v, qs, kok, ks):
-    return _forward(q, k, v, qs, kok, ks)[0]
+def _flash(q, k, v, qs, kok, ks, seg):
+    return _forward(q, k, v, qs, kok, ks, seg)[0]
 
 
-def _flash_fwd(q, k, v, qs, kok, ks):
-    o, lse = _forward(q, k, v, qs, kok, ks)
-    return o, (q, k, v, qs, kok, ks, o, lse)
+def _flash_fwd(q, k, v, qs, kok, ks, seg):
+    o, lse = _forward(q, k, v, qs, kok, ks, seg)
+    return o, (q, k, v, qs, kok, ks, seg, o, lse)
 
 
 def _flash_bwd(res, do):
-    q, k, v, qs, kok, ks, o, lse = res
+    q, k, v, qs, kok, ks, seg, o, lse = res
+    sq, sk = seg if seg is not None else (None, None)
     delta = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)              # [nq, B, K, G, bq]
 
-    def probs(qb, kb, qs_q, ks_c, kok_b, lse_b):
-        s, m = _block_scores(qb, kb, qs_q, ks_c, kok_b)
+    def probs(qb, kb, qs_q, ks_c, kok_b, lse_b, sq_b, sk_b):
+        s, m = _block_scores(qb, kb, qs_q, ks_c, kok_b, sq_b, sk_b)
         return jnp.where(m, jnp.exp(s - lse_b[..., None]), 0.0)            # [B, K, G, bq, bk]
 
     def dq_block(args):                      # dq of one query block: scan over key blocks
-        qb, qs_q, dob, lse_b, dl_b = args
+        qb, qs_q, dob, lse_b, dl_b, sq_b = args
 
         def body(dq, xs):
-            kb, vb, kok_b, ks_c = xs
-            p = probs(qb, kb, qs_q, ks_c, kok_b, lse_b)
+            kb, vb, kok_b, ks_c, sk_b = xs
+            p = probs(qb, kb, qs_q, ks_c, kok_b, lse_b, sq_b, sk_b)
             dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=_F32)
             ds = p * (dp - dl_b[..., None])
             return dq + jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(kb.dtype), kb,
                                    preferred_element_type=_F32), None
 
-        dq, _ = jax.lax.scan(body, jnp.zeros(qb.shape, _F32), (k, v, kok, ks))
+        dq, _ = jax.lax.scan(body, jnp.zeros(qb.shape, _F32), (k, v, kok, ks, sk))
         return dq.astype(qb.dtype)
 
     def dkv_block(args):                     # dk, dv of one key block: scan over query blocks
-        kb, vb, kok_b, ks_c = args
+        kb, vb, kok_b, ks_c, sk_b = args
 
         def body(carry, xs):
             dk, dv = carry
-            qb, qs_q, dob, lse_b, dl_b = xs
-            p = probs(qb, kb, qs_q, ks_c, kok_b, lse_b)
+            qb, qs_q, dob, lse_b, dl_b, sq_b = xs
+            p = probs(qb, kb, qs_q, ks_c, kok_b, lse_b, sq_b, sk_b)
             dv = dv + jnp.einsum("bkgqc,bkgqh->bkch", p.astype(dob.dtype), dob,
                                  preferred_element_type=_F32)
             dp = jnp.einsum("bkgqh,bkch->bkgqc", dob, vb, preferred_element_type=_F32)
@@ -228,12 +248,12 @@ def _flash_bwd(res, do):
             return (dk, dv), None
 
         zeros = jnp.zeros(kb.shape, _F32)
-        (dk, dv), _ = jax.lax.scan(body, (zeros, zeros), (q, qs, do, lse, delta))
+        (dk, dv), _ = jax.lax.scan(body, (zeros, zeros), (q, qs, do, lse, delta, sq))
         return dk.astype(kb.dtype), dv.astype(vb.dtype)
 
-    dq = jax.lax.map(dq_block, (q, qs, do, lse, delta))
-    dk, dv = jax.lax.map(dkv_block, (k, v, kok, ks))
-    return dq, dk, dv, None, None, None
+    dq = jax.lax.map(dq_block, (q, qs, do, lse, delta, sq))
+    dk, dv = jax.lax.map(dkv_block, (k, v, kok, ks, sk))
+    return dq, dk, dv, None, None, None, None if seg is None else jax.tree.map(lambda _: None, seg)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -243,7 +263,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def remat_policy(name: str):
     """``jax.checkpoint`` policy of ``ModelConfig.remat`` (None = no rematerialisation)."""
     policies = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                "full": jax.checkpoint_policies.nothing_saveable}
+                "full": jax.checkpoint_policies.nothing_saveable, "layer": None}   # layer: recompute.py
     if name not in policies:
         raise ValueError(f"remat {name!r}: choose one of {tuple(policies)}")
     return policies[name]

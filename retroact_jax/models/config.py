@@ -56,7 +56,7 @@ class ModelConfig:
     # cuDNN flash on GPU in bf16/fp16) | blockwise (online softmax, never [T, S] scores)
     attention: str = "default"
     attention_block: int = 512            # blockwise: query / key block length
-    remat: str = "none"                   # per-layer jax.checkpoint: none | dots | full
+    remat: str = "none"                   # per-layer recompute: none | dots | full (jax.checkpoint) | layer (recompute.py)
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -82,8 +82,8 @@ class ModelConfig:
         if self.attention not in ("default", "dot_product", "blockwise"):
             raise ConfigError(f"ModelConfig.attention must be default/dot_product/blockwise, got "
                               f"{self.attention!r}")
-        if self.remat not in ("none", "dots", "full"):
-            raise ConfigError(f"ModelConfig.remat must be none/dots/full, got {self.remat!r}")
+        if self.remat not in ("none", "dots", "full", "layer"):
+            raise ConfigError(f"ModelConfig.remat must be none/dots/full/layer, got {self.remat!r}")
         if not isinstance(self.attention_block, int) or self.attention_block <= 0:
             raise ConfigError(f"ModelConfig.attention_block must be a positive int, got "
                               f"{self.attention_block!r}")

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retroact_jax.models import attention as attn_lib
+from retroact_jax.models import recompute
 from retroact_jax.models.attention import Mask
 from retroact_jax.models.config import ModelConfig
 from retroact_jax.models.rope import apply_rope, rope_cos_sin, rope_inv_freq  # noqa: F401
@@ -267,9 +268,14 @@ class Decoder(nnx.Module):
         """The module with ``ShapeDtypeStruct`` leaves: no weights allocated (``nnx.eval_shape``)."""
         return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
 
-    def hidden(self, tokens_BxT, positions_BxT=None, valid_BxT=None, cache: KVCache | None = None):
-        """Final-norm hidden states [B, T, D] and the updated cache (no head)."""
+    def hidden(self, tokens_BxT, positions_BxT=None, valid_BxT=None, cache: KVCache | None = None,
+               segments_BxT=None):
+        """Final-norm hidden states [B, T, D] and the updated cache (no head). ``segments_BxT``
+        (packed training rows, no cache): tokens attend within their own segment only; the caller's
+        positions restart at 0 in each segment (``batching.collate``)."""
         b, t = tokens_BxT.shape
+        if segments_BxT is not None and cache is not None:
+            raise ValueError("packed rows (segments_BxT) are for training: not with a KV cache")
         if valid_BxT is None:
             valid_BxT = jnp.ones((b, t), bool)
         valid_BxT = valid_BxT.astype(bool)
@@ -280,12 +286,15 @@ class Decoder(nnx.Module):
         x = _shard_batch(self.embed_tokens(tokens_BxT))
         impl, block = self.cfg.attention, self.cfg.attention_block
         if cache is None:
-            mask = Mask(qslot_T=jnp.arange(t, dtype=jnp.int32), kvalid_BxS=valid_BxT)
+            mask = Mask(qslot_T=jnp.arange(t, dtype=jnp.int32), kvalid_BxS=valid_BxT,
+                        segment_BxS=None if segments_BxT is None else segments_BxT.astype(jnp.int32))
             full = None if impl == "blockwise" else mask.full()
             policy = attn_lib.remat_policy(self.cfg.remat)
             for layer in self.layers:
                 if self.cfg.remat == "none":
                     x, _ = layer(x, cos, sin, mask, full, impl=impl, block=block)
+                elif self.cfg.remat == "layer":
+                    x = recompute.layer_call(layer, x, cos, sin, mask, full, impl, block)
                 else:
                     x = _remat_layer(layer, x, cos, sin, mask, full, impl, block, policy)
                 x = _shard_batch(x)

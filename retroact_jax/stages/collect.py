@@ -6,7 +6,8 @@ current policies on train tasks -> RL samples -> behaviour log-probs by a scorin
   is a pure function of (seed, iteration) and a resumed run picks the same tasks.
 * ``rollout``: the tasks through the agent's ``TrialRunner`` (``agent.rollout.evaluate``: batched,
   K trials, reflections after failed trials) into ``<run_dir>/trajectories.jsonl``; an interrupted
-  collection resumes from that file and never re-plays a finished trial.
+  collection resumes from that file and never re-plays a finished trial. Several processes: each
+  plays its share into ``<run_dir>/process-<p>-of-<n>/`` and every process gets all the records.
 * ``rl_samples``: trial records -> planner / reflector samples (``rl.samples``; planner R = the trial's
   score, reflector (last, current) = scores of trials k and k+1).
 * ``score_behaviour``: the behaviour log-probs of docs/design.md, RetroAct's ``ref_prob.py``: the
@@ -17,6 +18,8 @@ current policies on train tasks -> RL samples -> behaviour log-probs by a scorin
   float error, wherever the whole text re-tokenises into the sampled ids with the same prefix;
   generated spans that do not (non-canonical sampled tokenisations, merges across a span boundary)
   are counted in ``spans_retokenized`` and are exactly why the scoring pass exists.
+  ``score_shared``: the same split between processes (every n-th sample in length order each),
+  the log-probs and health counts gathered.
 """
 from __future__ import annotations
 
@@ -53,14 +56,11 @@ def task_indices(n_all: int, per_iteration: int, seed: int, iteration: int) -> l
 def rollout(env_name: str, split: str, indices: Sequence[int], planner, reflector, agent_cfg,
             run_dir: str | pathlib.Path, *, env_backend: str = "threads",
             show_progress: bool = False) -> tuple[list[dict], dict]:
-    """(records of the tasks, evaluation summary) after running or resuming the collection."""
-    from retroact_jax import evaluation
+    """(records of the tasks in (task, trial) order, evaluation summary) after running or resuming
+    the collection; with several processes each plays its share and gets every record."""
     from retroact_jax.agent import rollout as rollout_lib
-    summary = rollout_lib.evaluate(env_name, split, indices, planner, reflector, agent_cfg, run_dir,
-                                   env_backend=env_backend, show_progress=show_progress)
-    recs = evaluation.TrajectoryLog(pathlib.Path(run_dir) / "trajectories.jsonl").load()
-    wanted = {int(i) for i in indices}
-    return [r for r in recs if int(r["task_index"]) in wanted], summary
+    return rollout_lib.evaluate_shared(env_name, split, indices, planner, reflector, agent_cfg, run_dir,
+                                       env_backend=env_backend, show_progress=show_progress)
 
 
 def rl_samples(records: Sequence[Mapping[str, Any]], roles: Sequence[str]) -> list[batching.Sample]:
@@ -185,3 +185,37 @@ def _compare(sample, raw: Sequence[Mapping], ts, logp: np.ndarray, tokenizer, he
         health["spans_compared"] += 1
         out.append(np.abs(logp[pos] - np.asarray(span["logprobs"], np.float64)))
     return out
+
+
+def score_shared(samples: Sequence[batching.Sample], scorers: Mapping[str, Any], tokenizer, *,
+                 eos_id: int | None, records: Sequence[Mapping[str, Any]],
+                 batch_rows: int, tokenized: Sequence[batching.TokenizedSample],
+                 ) -> tuple[list[batching.Sample], list[int], dict[str, float]]:
+    """``score_behaviour`` with the work split between processes (every process holds the same
+    ``samples``; each scores every n-th one in length order) and the results gathered: the same
+    return value on every process. Every process must call it (a collective)."""
+    from retroact_jax import distributed
+    if distributed.count() == 1:
+        return score_behaviour(samples, scorers, tokenizer, eos_id=eos_id, records=records,
+                               batch_rows=batch_rows, tokenized=tokenized)
+    mine = distributed.share(sorted(range(len(tokenized)), key=lambda i: len(tokenized[i])))
+    scored, _, health = score_behaviour([samples[i] for i in mine], scorers, tokenizer, eos_id=eos_id,
+                                        records=records, batch_rows=batch_rows,
+                                        tokenized=[tokenized[i] for i in mine])
+    parts = distributed.allgather_json({"index": mine, "logp": [list(s.behaviour_logp) for s in scored],
+                                        "health": health})
+    out = list(samples)
+    for p in parts:
+        for i, lp in zip(p["index"], p["logp"]):
+            out[i] = dataclasses.replace(samples[i], behaviour_logp=tuple(float(x) for x in lp))
+    hs = [p["health"] for p in parts]
+    total = {k: sum(int(h[k]) for h in hs) for k in ("spans_compared", "spans_retokenized",
+                                                      "spans_without_sampler_logprobs",
+                                                      "generated_tokens_compared")}
+    n = total["generated_tokens_compared"]
+    total["behaviour_gap_mean_abs"] = (sum(h["behaviour_gap_mean_abs"] * h["generated_tokens_compared"]
+                                           for h in hs if h["generated_tokens_compared"]) / n
+                                       if n else float("nan"))
+    total["behaviour_gap_max_abs"] = (max(h["behaviour_gap_max_abs"] for h in hs if h["generated_tokens_compared"])
+                                      if n else float("nan"))
+    return out, [len(t) for t in tokenized], total

@@ -36,7 +36,7 @@ def il_config() -> mlc.ConfigDict:
     c.model.multi_agent = True        # two models (planner, reflector); False: one shared model
     c.model.param_dtype = "float32"   # float32 (CPU) | bfloat16 (accelerators)
     c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
-    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full | layer
     c.model.lora = True               # LoRA adapters (False: full fine-tuning)
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -69,6 +69,11 @@ def il_config() -> mlc.ConfigDict:
     c.train.rows_planner = 1          # planner rows per step (the original: batch 1)
     c.train.rows_reflector = 1
     c.train.buckets = "256,512,1024,2048"  # padded row lengths (one compile each)
+    # several short rows per padded row (packing.py; needs il_normalization=tokens). Off by default:
+    # the original trains one sample per optimizer step (batch 1), packing makes each step carry
+    # several, and it measured 1.02x useful tokens/s (bench/README.md "bench/il_pack.py")
+    c.train.pack = False
+    c.train.pack_len = 0              # tokens per packed row (0: the largest bucket)
     c.train.observations = "trained"  # trained (original: whole output) | masked
     c.train.mesh = ""                 # e.g. "data=2,fsdp=-1" ("" single device)
     c.train.log_every = 10
@@ -81,7 +86,7 @@ def il_config() -> mlc.ConfigDict:
     c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
     c.train.head_chunk = 256          # vocabulary head + log-prob in chunks of this many positions (0: whole)
     c.train.attention = "blockwise"   # train-step attention: default | dot_product | blockwise (no [T, T] scores)
-    c.train.remat = "none"            # per-layer recompute in the backward: none | dots | full
+    c.train.remat = "layer"           # per-layer recompute in the backward: layer (keeps only layer inputs) | none | dots | full
     c.loss = mlc.ConfigDict()
     c.loss.il_normalization = "tokens"  # tokens (original SFT: HF mean over label tokens) | positions
     c.optimizer = mlc.ConfigDict()
@@ -119,7 +124,7 @@ def rl_config() -> mlc.ConfigDict:
     c.model.multi_agent = True        # False: single agent, one model with shared parameters
     c.model.param_dtype = "float32"
     c.model.attention = "default"     # default (CPU) | dot_product (cuDNN on GPU) | blockwise (any; long rows)
-    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full
+    c.model.remat = "none"            # per-layer rematerialisation: none | dots | full | layer
     c.model.lora = True               # fresh LoRA on the SFT weights (the original); False: full fine-tune
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
@@ -191,7 +196,7 @@ def rl_config() -> mlc.ConfigDict:
     c.train.max_update_ratio = 10.0   # stop when a role's update norm passes this x its param norm (0: off)
     c.train.head_chunk = 256          # vocabulary head + log-prob in chunks of this many positions (0: whole)
     c.train.attention = "blockwise"   # train-step attention: default | dot_product | blockwise (no [T, T] scores)
-    c.train.remat = "none"            # per-layer recompute in the backward: none | dots | full
+    c.train.remat = "layer"           # per-layer recompute in the backward: layer (keeps only layer inputs) | none | dots | full
     c.train.peak_flops = 0.0
     c.loss = mlc.ConfigDict()
     c.loss.rl_variant = "detached_clip"  # detached_clip (original) | paper_clip | ppo_clip | rlmec_min

@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from retroact_jax import batching, losses, metrics as metrics_lib, train
+from retroact_jax import batching, losses, metrics as metrics_lib, packing, train
 from retroact_jax.stages import expert as expert_lib
 from retroact_jax.stages import holdout
 from retroact_jax.stages import samples as samples_lib
@@ -120,31 +120,59 @@ def prepare(c: Any, samples: Mapping[str, list], tok: Any, roles: list[str]):
 
 
 class RoleBatches:
-    """Each role's length-grouped epochs, positioned at its next batch (epoch, index)."""
+    """Each role's epochs, positioned at its next batch (epoch, index). Unpacked (``capacity`` 0):
+    length-grouped batches of ``rows`` rows; packed: ``packing.pack_epoch`` rows of up to
+    ``capacity`` tokens, ``rows`` packed rows per step. A step is a list of row groups (one sample
+    each when unpacked); every sample is in exactly one step per epoch."""
 
-    def __init__(self, lengths: list[int], rows: int, seed: int, role_index: int, epochs: int):
-        self.lengths, self.rows, self.epochs = lengths, rows, epochs
+    def __init__(self, lengths: list[int], rows: int, seed: int, role_index: int, epochs: int,
+                 capacity: int = 0):
+        self.lengths, self.rows, self.epochs, self.capacity = lengths, rows, epochs, int(capacity)
         self.seed = int(seed) * 2 + role_index
         self.pos = (0, 0)
         self._cache: dict[int, list] = {}
 
-    def order(self, epoch: int) -> list[np.ndarray]:
+    def order(self, epoch: int) -> list[list[np.ndarray]]:
         if epoch not in self._cache:
-            self._cache = {epoch: batching.length_grouped_batches(self.lengths, self.rows, self.seed, epoch)}
+            if self.capacity:
+                groups = packing.pack_epoch(self.lengths, self.capacity, self.seed, epoch)
+                self._cache = {epoch: packing.steps_of(groups, self.rows)}
+            else:
+                self._cache = {epoch: [[np.asarray([i]) for i in b] for b in
+                                       batching.length_grouped_batches(self.lengths, self.rows, self.seed, epoch)]}
         return self._cache[epoch]
 
-    @property
-    def per_epoch(self) -> int:
-        return math.ceil(len(self.lengths) / self.rows)
+    def steps_in(self, epoch: int) -> int:
+        """Steps of one epoch (packed epochs differ slightly in length)."""
+        return len(self.order(epoch)) if self.capacity else math.ceil(len(self.lengths) / self.rows)
 
-    def next(self) -> np.ndarray:
-        """Row indices of the next batch (empty once the epochs are done)."""
+    @property
+    def total(self) -> int:
+        return sum(self.steps_in(e) for e in range(self.epochs))
+
+    def next(self) -> list[np.ndarray]:
+        """Row groups of the next step (empty once the epochs are done)."""
         epoch, index = self.pos
         if epoch >= self.epochs:
-            return np.zeros(0, np.int64)
-        batch = self.order(epoch)[index]
-        self.pos = (epoch, index + 1) if index + 1 < self.per_epoch else (epoch + 1, 0)
-        return batch
+            return []
+        step = self.order(epoch)[index]
+        self.pos = (epoch, index + 1) if index + 1 < self.steps_in(epoch) else (epoch + 1, 0)
+        return step
+
+
+def pack_capacity(c: Any, buckets: tuple[int, ...]) -> int:
+    """Tokens per packed row (0: packing off); packing needs the ``tokens`` IL normalisation."""
+    if not c.train.pack:
+        return 0
+    if c.loss.il_normalization != "tokens":
+        raise StageError(f"config.train.pack=True needs loss.il_normalization='tokens' (got "
+                         f"{c.loss.il_normalization!r}: 'positions' divides by each row's positions, so a "
+                         "packed row would weight its samples differently); set train.pack=False")
+    cap = int(c.train.pack_len) or max(buckets)
+    if not 2 <= cap <= max(buckets):
+        raise StageError(f"config.train.pack_len={c.train.pack_len}: 0 (the largest bucket) or 2.."
+                         f"{max(buckets)} (a packed row must fit a bucket)")
+    return cap
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -185,9 +213,12 @@ def run_il(config: Any, workdir: str | pathlib.Path) -> dict:
     data, data_counts = prepare(c, raw, tok, roles)
     buckets = tuple(int(b) for b in _list(c.train.buckets))
     collate_kw = dict(max_len=min(int(c.data.max_tokens), max(buckets)), observations=c.train.observations)
-    iters = {r: RoleBatches([len(x) for x in data[r][0]], rows[r], int(c.seed), i, int(c.train.epochs))
+    cap = pack_capacity(c, buckets)
+    # packed: the tokens a row takes (truncated at max_len); unpacked: the length-grouped order as ever
+    lens = {r: [min(len(x), collate_kw["max_len"]) if cap else len(x) for x in data[r][0]] for r in roles}
+    iters = {r: RoleBatches(lens[r], rows[r], int(c.seed), i, int(c.train.epochs), cap)
              for i, r in enumerate(roles)}
-    total = max(it.per_epoch * it.epochs for it in iters.values())
+    total = max(it.total for it in iters.values())
     if c.train.max_steps > 0:
         total = min(total, int(c.train.max_steps))
     opt_cfg = _to_dict(c.optimizer)
@@ -210,10 +241,11 @@ def _train(c, workdir, t, data, iters, rows, buckets, collate_kw, total) -> dict
     if meta is not None:
         for r in roles:
             pos = tuple(int(x) for x in meta.get("positions", {}).get(r, (-1, -1)))
-            if not (0 <= pos[1] < iters[r].per_epoch and pos[0] >= 0):
+            if not (pos[0] >= 0 and 0 <= pos[1] < iters[r].steps_in(pos[0])):
                 raise StageError(
                     f"checkpoint step {learner.step_count}: {r} data position {pos} does not fit this "
-                    f"run's {iters[r].per_epoch} batches per epoch (the data changed): use a new workdir")
+                    f"run's {iters[r].steps_in(max(pos[0], 0))} batches in that epoch (the data changed): "
+                    "use a new workdir")
             iters[r].pos = pos
     start = learner.step_count
     n_par = setup.n_params(next(iter(t.models.values())))
@@ -252,7 +284,7 @@ def _train(c, workdir, t, data, iters, rows, buckets, collate_kw, total) -> dict
     thr.restart()
     try:
         for step in range(start, total):
-            part = {r: [data[r][0][j] for j in iters[r].next()] for r in roles}
+            part = {r: [[data[r][0][j] for j in g] for g in iters[r].next()] for r in roles}
             arrays, st = train.collate_step(part, rows, buckets, pad, **collate_kw)
             dev = learner.step(arrays)
             ntok = int(arrays["lengths_B"].sum())
@@ -262,6 +294,7 @@ def _train(c, workdir, t, data, iters, rows, buckets, collate_kw, total) -> dict
             host = {"tokens": ntok, "seq_len": T}
             for r in roles:
                 host[f"rows_{r}"] = st[r]["rows"]
+                host[f"samples_{r}"] = st[r]["samples"]
                 host[f"truncated_{r}"] = st[r]["truncated"]
                 host[f"epoch_{r}"] = iters[r].pos[0]
             host.update(thr.update(ntok, flops))     # host time of this step's dispatch + the

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from typing import Any, Mapping, Sequence
 
-from retroact_jax import evaluation
+from retroact_jax import benchmarks, evaluation
 from retroact_jax.stages import evaluate, methods as methods_lib
 
 
@@ -185,7 +185,7 @@ def publish(c: Any, results: Sequence[Mapping], command: str | None = None) -> p
         rows.append(row)
     commit = git_commit()
     meta = {"env": c.env, "backbone": rows[0]["backbone"] if rows else "", "commit": commit,
-            "split": c.split or "paper", "validation": c.validation.to_dict()}
+            "split": c.split or benchmarks.get(c.env).eval_split, "validation": c.validation.to_dict()}
     (out / "results.json").write_text(json.dumps({**meta, "methods": rows, "adapters": adapters}, indent=2) + "\n")
     (out / "adapters.json").write_text(json.dumps(adapters, indent=2) + "\n")
     (out / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")

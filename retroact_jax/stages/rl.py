@@ -22,6 +22,11 @@ lambda 1, mean over all positions, observation tokens trained, reflector reward
 ``(R_cur - R_last)(R_last+a)/a`` with a = 1, zero-reward planner trials dropped, temperature 1,
 one collection round x 3 epochs with linear decay (``SCHEDULES``).
 
+Several processes (``jax.distributed``, README "Several hosts"): each process plays its share of
+the collection and evaluation tasks and scores its share of the samples; the records and log-probs
+are gathered, so every process builds the same buffer and the same global batches for the learner,
+whose mesh spans all processes. Process 0 writes the shared files; checkpoints are saved by all.
+
 Resume: a checkpoint (trainable params, optimizer + schedule step, dropout RNG state) every
 ``checkpoint_every`` steps and at the end of each iteration; its meta holds the iteration, the step
 within it and the replay buffer file (sha256-checked). Tasks, rollout seeds, buffer batches and IL
@@ -37,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from retroact_jax import batching, train
+from retroact_jax import batching, distributed, train
 from retroact_jax.stages import behaviour as behaviour_lib
 from retroact_jax.stages import collect as collect_lib
 from retroact_jax.stages import holdout
@@ -96,7 +101,7 @@ def score(s: RLState, records: list[dict], summary: dict) -> None:
     tss = [tss[i] for i in kept]
     health: dict[str, float] = {}
     if not s.ei:
-        samples, _, health = collect_lib.score_behaviour(
+        samples, _, health = collect_lib.score_shared(
             samples, {r: s.behaviour[r].scorer for r in s.roles}, tok, eos_id=s.eos, records=records,
             batch_rows=int(c.collect.score_rows), tokenized=tss)
         tss = [collect_lib.with_behaviour(x, y) for x, y in zip(tss, samples)]
@@ -191,15 +196,16 @@ def evaluate(s: RLState) -> None:
     from retroact_jax.agent import rollout as rollout_lib
     c, k = s.c, s.iteration
     out = s.workdir / "eval" / f"iter-{k:04d}"
-    if not int(c.eval.every) or k % int(c.eval.every) or (out / "summary.json").exists():
+    if not int(c.eval.every) or k % int(c.eval.every) or distributed.agree((out / "summary.json").exists()):
         return
     split, indices = eval_tasks(c)
     acfg = agent_config(s, int(c.eval.trials), float(c.eval.temperature), float(c.eval.temperature), int(c.seed))
     acfg = dataclasses.replace(acfg, batch_size=int(c.eval.batch_size))
     planner, reflector = policies(s, explore=False)
-    summary = rollout_lib.evaluate(c.env, split, indices, planner, reflector, acfg, out,
-                                   summary_trials=int(c.eval.trials), env_backend=s.backend,
-                                   show_progress=bool(c.train.progress))
+    _, summary = rollout_lib.evaluate_shared(c.env, split, indices, planner, reflector, acfg, out,
+                                             summary_trials=int(c.eval.trials), env_backend=s.backend,
+                                             show_progress=bool(c.train.progress))
+    out.mkdir(parents=True, exist_ok=True)
     setup.write_json_atomic(out / "summary.json", summary)
     m = {"iteration": k}
     for metric, v in summary["metrics"].items():

@@ -15,7 +15,7 @@ import math
 import pathlib
 from typing import Any
 
-from retroact_jax import batching, benchmarks, losses, metrics as metrics_lib
+from retroact_jax import batching, benchmarks, distributed, losses, metrics as metrics_lib
 from retroact_jax.stages import behaviour as behaviour_lib
 from retroact_jax.stages import holdout
 from retroact_jax.stages import replay as replay_lib
@@ -61,6 +61,7 @@ class RLState:
     pending: list = dataclasses.field(default_factory=list)     # collect logs before the start
     lag: Any = None
     resumed_from_step: int = 0
+    total_steps: int | None = None    # the lr horizon fixed by this run (``fix_schedule``)
 
     @property
     def started(self) -> bool:
@@ -135,6 +136,8 @@ def _total_steps(s: RLState) -> int | None:
     o = s.c.optimizer
     if o.schedule == "constant" or int(o.total_steps):
         return int(o.total_steps)
+    if s.total_steps is not None:
+        return s.total_steps
     f = s.workdir / "schedule.json"
     return int(json.loads(f.read_text())["total_steps"]) if f.exists() else None
 
@@ -182,8 +185,9 @@ def save(s: RLState, done: bool) -> None:
                                  "iteration_done": done, "replay_file": s.replay_ref[0],
                                  "replay_sha256": s.replay_ref[1], "config": s.t.config})
     s.saved_refs.append(s.replay_ref[0])
-    behaviour_lib.prune_buffers(s.workdir / "replay", set(s.saved_refs[-int(s.c.train.keep_checkpoints):]),
-                                s.iteration)
+    if distributed.is_main():
+        behaviour_lib.prune_buffers(s.workdir / "replay", set(s.saved_refs[-int(s.c.train.keep_checkpoints):]),
+                                    s.iteration)
 
 
 def fix_schedule(s: RLState, steps_per_iteration: int) -> None:
@@ -194,6 +198,7 @@ def fix_schedule(s: RLState, steps_per_iteration: int) -> None:
                          f"run's {total} steps (iterations x the first iteration's steps): lower it, or set "
                          "optimizer.total_steps, or optimizer.schedule=constant")
     setup.write_json_atomic(s.workdir / "schedule.json", {"total_steps": total})
+    s.total_steps = total            # not read back: only process 0 writes the file
     log.info("RL lr schedule: %d steps (%d iterations x %d)", total, int(s.c.train.iterations),
              steps_per_iteration)
     start(s)

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from retroact_jax import checkpoint as ckpt_lib
-from retroact_jax import batching, losses, testing, train
+from retroact_jax import batching, distributed, losses, testing, train
 from retroact_jax.stages import StageError
 from retroact_jax.stages.configs import as_list, to_dict
 
@@ -60,8 +60,11 @@ def make_mesh(spec: str):
 
 
 def write_json_atomic(path: pathlib.Path, obj) -> str:
-    """Write ``obj`` as JSON through a temporary file + fsync + rename; returns its sha256."""
+    """Write ``obj`` as JSON through a temporary file + fsync + rename; returns its sha256.
+    Several processes: process 0 writes, every process gets the sha256."""
     data = json.dumps(obj).encode()
+    if not distributed.is_main():
+        return hashlib.sha256(data).hexdigest()
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -277,8 +280,9 @@ def start(t: Training, c: Any, workdir: pathlib.Path, stage: str, *, train_roles
         t.ckpts.close()
         raise
     step = t.learner.step_count
-    t.writer = metrics_lib.MetricsWriter(workdir, tensorboard=bool(c.train.tensorboard),
-                                         start_step=step if step else fresh_log_from)
+    t.writer = (metrics_lib.MetricsWriter(workdir, tensorboard=bool(c.train.tensorboard),
+                                          start_step=step if step else fresh_log_from)
+                if distributed.is_main() else metrics_lib.NullWriter())
     return t
 
 
@@ -291,7 +295,8 @@ def finish(t: Training, c: Any, workdir: pathlib.Path) -> dict[str, str]:
 
 
 def write_summary(workdir: pathlib.Path, stage: str, summary: Mapping) -> dict:
-    (workdir / f"{stage}_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if distributed.is_main():
+        (workdir / f"{stage}_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return dict(summary)
 
 
@@ -346,10 +351,13 @@ def progress(total: int, initial: int, desc: str, enabled: bool = True):
 def export(learner: train.Learner, out_dir: str | pathlib.Path, model_cfg: Any, tokenizer: Any,
            lora_cfg: Any = None, dtype: str | None = None) -> dict[str, str]:
     """Write each distinct trained model (see the module docstring); returns {name: hf dir}.
-    The models are merged in place (their adapters are folded into the kernels): call at the end."""
+    The models are merged in place (their adapters are folded into the kernels): call at the end.
+    Several processes: every process calls it (the parameters are gathered), process 0 writes."""
     from retroact_jax.models import convert, lora as lora_lib, safetensors_io as sio
     learner.sync_models()
     out_dir = pathlib.Path(out_dir)
+    if not distributed.is_main():
+        return {learner.role_name[r]: str(out_dir / learner.role_name[r] / "hf") for r in learner.models}
     src = pathlib.Path(str(getattr(tokenizer, "source", "")))
     tok_files = src.parent if src.is_file() else (src if src.is_dir() else ())
     written, seen = {}, set()

@@ -168,6 +168,13 @@ def il_stage(sc: Any) -> None:
                       "train.checkpoint_every", "train.max_update_ratio"), 0)
     _at_least(sc, p, tuple(f"train.rows_{r}" for r in as_list(sc.data.roles)), 1)
     _buckets(sc, p, "train.buckets")
+    _choice(sc, p, "train.pack", (True, False))
+    _at_least(sc, p, ("train.pack_len",), 0)
+    if sc.train.pack and sc.loss.il_normalization != "tokens":
+        raise _fail(f"{p}train.pack", sc.train.pack, "needs loss.il_normalization='tokens' (a packed row "
+                    "would weight its samples differently under 'positions'); set it False")
+    if sc.train.pack_len > max(int(b) for b in as_list(sc.train.buckets)):
+        raise _fail(f"{p}train.pack_len", sc.train.pack_len, "must fit the largest bucket (0: that bucket)")
     o = sc.optimizer
     steps = int(o.total_steps) or int(sc.train.max_steps)
     if o.schedule != "constant" and 0 < steps <= o.warmup_steps:
