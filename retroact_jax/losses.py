@@ -107,7 +107,7 @@ def _logp_entropy(logits_NxV: jax.Array, next_N: jax.Array) -> tuple[jax.Array, 
 
 
 def head_logprobs_and_entropy(head_fn, h_BxSxD: jax.Array, tokens_BxT: jax.Array,
-                              chunk: int = 256) -> tuple[jax.Array, jax.Array]:
+                              chunk: int = 256, unroll: bool = False) -> tuple[jax.Array, jax.Array]:
     """``shifted_logprobs_and_entropy(head_fn(h_BxSxD), tokens_BxT)`` without the [B, S, V] logits.
 
     ``head_fn`` maps hidden states [N, D] to logits [N, V] (the model's head). The B*S positions are
@@ -115,7 +115,9 @@ def head_logprobs_and_entropy(head_fn, h_BxSxD: jax.Array, tokens_BxT: jax.Array
     the forward keeps only each chunk's log-prob and entropy, the backward recomputes the chunk's
     logits from its hidden states. Live memory: a few [chunk, V] arrays instead of several [B, S, V]
     ones (2047 x 49152 floats = 400 MB each), for one more head matmul in the backward.
-    ``chunk <= 0`` = the unchunked computation (one [B, S, V] logits array).
+    ``chunk <= 0`` = the unchunked computation (one [B, S, V] logits array). ``unroll``: the chunks
+    as straight-line code instead of a loop (``sharding.loops_deadlock``: XLA:CPU with several
+    devices in one process can deadlock on collectives inside a loop); the same values.
     """
     B, T = tokens_BxT.shape
     S, D = h_BxSxD.shape[1], h_BxSxD.shape[2]
@@ -134,7 +136,11 @@ def head_logprobs_and_entropy(head_fn, h_BxSxD: jax.Array, tokens_BxT: jax.Array
         h_CxD, nxt_C = args
         return _logp_entropy(head_fn(h_CxD), nxt_C)
 
-    logp_KxC, ent_KxC = jax.lax.map(one, (h_KxCxD, nxt_KxC))
+    if unroll:
+        outs = [one((h_KxCxD[i], nxt_KxC[i])) for i in range(k)]
+        logp_KxC, ent_KxC = (jnp.stack([o[j] for o in outs]) for j in (0, 1))
+    else:
+        logp_KxC, ent_KxC = jax.lax.map(one, (h_KxCxD, nxt_KxC))
     logp_BxS = logp_KxC.reshape(-1)[:n].reshape(B, S)
     ent_BxS = ent_KxC.reshape(-1)[:n].reshape(B, S)
     zero_Bx1 = jnp.zeros((B, 1), jnp.float32)

@@ -130,3 +130,16 @@ def explain(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DECODER_RULE
         lines.append(f"{name} {shape} -> {got}{note}")
     jax.tree_util.tree_map_with_path(one, tree)
     return lines
+
+
+def loops_deadlock(mesh: Mesh | None) -> bool:
+    """Whether a loop (``lax.map`` / ``scan``) holding collectives may deadlock on ``mesh``: XLA:CPU
+    runs the devices of one process as threads that meet at each collective, and orders a loop
+    before the collectives after it by scheduling only (the loop may still be running), so two
+    devices can enter different collectives and wait for each other (a ``fsdp=2`` mesh over 2 CPU
+    devices of one process, in the train step's chunked head; XLA aborts after 40 s). True on CPU
+    when this process holds more than one of the mesh's devices: unroll such loops there."""
+    if mesh is None:
+        return False
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return len(mine) > 1 and all(d.platform == "cpu" for d in mine)

@@ -177,6 +177,7 @@ class Learner:
         self.loss_cfg = loss
         self.mesh = mesh
         self.head_chunk = int(head_chunk)   # positions per head chunk (losses.head_logprobs_and_entropy)
+        self.unroll = sharding.loops_deadlock(mesh)     # head chunks unrolled (XLA:CPU, see there)
         self.max_update_ratio = float(max_update_ratio)
         if not self.max_update_ratio >= 0:
             raise TrainError(f"max_update_ratio must be >= 0 (0: off), got {max_update_ratio}")
@@ -252,7 +253,7 @@ class Learner:
             # the last position predicts no trained token: the head runs on T-1 positions, in chunks
             # of head_chunk positions (never the whole [B, T, V] logits, recomputed in the backward)
             lp, ent = losses.head_logprobs_and_entropy(model.head, h_BxTxD[:, :-1], sl(batch["tokens_BxT"]),
-                                                       self.head_chunk)
+                                                       self.head_chunk, unroll=self.unroll)
             logps.append((a, lp))
             ents.append((a, ent))
             new_rngs[name] = nnx.state(model, nnx.RngState)

@@ -108,10 +108,11 @@ def test_token_logprobs_and_entropy_match_numpy_and_are_aligned():
     assert np.all(np.asarray(logp)[:, 0] == 0)
 
 
-@pytest.mark.parametrize("chunk", [0, 5, 7, 64])
-def test_chunked_head_logprobs_equal_unchunked_values_and_gradients(chunk):
+@pytest.mark.parametrize("chunk,unroll", [(0, False), (5, False), (7, False), (64, False), (7, True)])
+def test_chunked_head_logprobs_equal_unchunked_values_and_gradients(chunk, unroll):
     """The chunked head + log-prob (recomputed in the backward) = head then log-prob, in values
-    and in the gradients w.r.t. hidden states and head weights (chunks need not divide B*(T-1))."""
+    and in the gradients w.r.t. hidden states and head weights (chunks need not divide B*(T-1)),
+    looped or unrolled."""
     rng = np.random.default_rng(3)
     D = 6
     h = jnp.asarray(rng.normal(size=(B, T - 1, D)), jnp.float32)
@@ -124,7 +125,7 @@ def test_chunked_head_logprobs_equal_unchunked_values_and_gradients(chunk):
         return jnp.sum(lp * g_lp) + jnp.sum(jax.lax.stop_gradient(ent)), (lp, ent)
 
     ref = lambda h, w: losses.shifted_logprobs_and_entropy(h @ w, tokens)  # noqa: E731
-    got = lambda h, w: losses.head_logprobs_and_entropy(lambda x: x @ w, h, tokens, chunk)  # noqa: E731
+    got = lambda h, w: losses.head_logprobs_and_entropy(lambda x: x @ w, h, tokens, chunk, unroll)  # noqa: E731
     (_, (lp0, ent0)), g0 = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w, ref)
     (_, (lp1, ent1)), g1 = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True),
                                    static_argnums=2)(h, w, got)

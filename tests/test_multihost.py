@@ -2,8 +2,9 @@
 (``jax.distributed`` over localhost, one CPU device each, gloo collectives, mesh ``fsdp=2``: the LoRA
 adapters are sharded across the processes) ends with the parameters (to 1e-5; measured 3e-7), replay
 buffer, metrics and evaluation of the same iteration run by 1 process with 2 CPU devices (mesh
-``data=2``: the same global batch, other reductions). Each process plays its share of the collection
-and evaluation tasks and ends with exactly the same parameters; process 0 alone writes shared files.
+``fsdp=2`` too: the same global batch, reductions over gloo or in process). Each process plays its
+share of the collection and evaluation tasks and ends with exactly the same parameters; process 0
+alone writes shared files.
 
 The processes run this file as a script (``python tests/test_multihost.py WORKDIR P N PORT``).
 Collection and evaluation run one task at a time (``batch_size=1``, one cache bucket), so a task's
@@ -53,9 +54,9 @@ def worker(workdir: str, process_id: int, num_processes: int, port: int) -> None
     finish = setup.finish
     setup.finish = lambda t, c, w: (learners.append(t.learner), finish(t, c, w))[1]
     workdir = pathlib.Path(workdir)
-    # one process: mesh data=2 (fsdp=2 on 2 devices of one process deadlocks XLA:CPU's in-process
-    # collectives in the train step, on main too); two processes: fsdp=2, the adapters sharded
-    rl.run_rl(config(workdir, "fsdp=-1" if num_processes > 1 else "data=-1"), workdir)
+    # mesh fsdp=2 in both runs, the adapters sharded (over 2 devices of one process, the train step
+    # unrolls its head chunks: sharding.loops_deadlock)
+    rl.run_rl(config(workdir, "fsdp=-1"), workdir)
     params = distributed.local_copy(learners[0].state["params"])
     import jax
     flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}

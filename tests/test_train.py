@@ -1,6 +1,7 @@
 """The joint train step on tiny random models: first-update ratios, reward direction, sharding
 equivalence, shared parameters, LoRA-only updates, no recompilation."""
 import copy
+import re
 
 import jax
 import jax.numpy as jnp
@@ -183,3 +184,54 @@ def test_collate_step_layout_and_errors():
                            {"reflector": 1}, buckets=(64,), pad_id=0)
     with pytest.raises(train.TrainError, match="rows"):
         train.Learner({"planner": models["planner"]}, optimizer=OPT, rows={"reflector": 1})
+
+
+def _collectives_in_loops(hlo: str) -> list[str]:
+    """Collectives of compiled HLO text that sit in a while loop's body or condition (nested too)."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            comps[name] = []
+        elif name:
+            comps[name].append(line)
+    calls = lambda ln: [c for c in re.findall(r"%([\w.\-]+)", ln) if c in comps]  # noqa: E731
+    todo = [c for body in comps.values() for ln in body if " while(" in ln for c in calls(ln)]
+    seen, found = set(), []
+    while todo:
+        c = todo.pop()
+        if c in seen:
+            continue
+        seen.add(c)
+        for ln in comps[c]:
+            if re.search(r" (all-reduce|all-gather|collective-permute|reduce-scatter|all-to-all)\(", ln):
+                found.append(f"{c}: {ln.strip()[:80]}")
+            todo += calls(ln)
+    return found
+
+
+def test_fsdp_over_two_devices_of_one_process_keeps_collectives_out_of_loops():
+    """Regression: mesh fsdp=2 over 2 CPU devices of one process deadlocked in the RL train step
+    (XLA:CPU orders a loop before later collectives by scheduling only, so the 2 device threads
+    met at different collectives): the chunked head's loop held an all-reduce of the logits. The
+    step now unrolls the chunks there: no collective inside a loop, the same step as one device."""
+    from retroact_jax import sharding
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 (fake) devices")
+    assert not sharding.loops_deadlock(None)
+    assert not sharding.loops_deadlock(sharding.make_mesh({"fsdp": 1}, jax.devices()[:1]))
+    rows = {"planner": 2, "reflector": 2}
+    outs = []
+    for mesh in (None, sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])):
+        models = {"planner": _model(0), "reflector": _model(1)}
+        for i, m in enumerate(models.values()):
+            apply_lora(m, LoRAConfig(rank=4, alpha=8, dropout=0.0), nnx.Rngs(params=1 + i, dropout=2))
+        b = _batch(models, rows)
+        learner = train.Learner(models, optimizer=OPT, rows=rows, mesh=mesh, head_chunk=16)
+        if mesh is not None:
+            assert learner.unroll
+            assert _collectives_in_loops(learner.lower(b).compile().as_text()) == []
+        m = learner.step(b)
+        outs.append((float(m["loss"]), jax.device_get(jax.tree.map(np.asarray, learner.state["params"]))))
+    assert outs[1][0] == pytest.approx(outs[0][0], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outs[0][1], outs[1][1])

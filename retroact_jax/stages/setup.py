@@ -21,6 +21,7 @@ the stage checked), the metrics writer, held-out loss, progress bar, export.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -301,10 +302,10 @@ def write_summary(workdir: pathlib.Path, stage: str, summary: Mapping) -> dict:
 
 
 # ------------------------------------------------------------------------------------ eval, export
-@nnx.jit
-def _forward_logp(model, tokens_BxT, positions_BxT, valid_BxT):
+@functools.partial(nnx.jit, static_argnums=(4,))
+def _forward_logp(model, tokens_BxT, positions_BxT, valid_BxT, unroll):
     h, _ = model.hidden(tokens_BxT, positions_BxT, valid_BxT)   # head in chunks: no [B, T, V] logits
-    return losses.head_logprobs_and_entropy(model.head, h[:, :-1], tokens_BxT)
+    return losses.head_logprobs_and_entropy(model.head, h[:, :-1], tokens_BxT, unroll=unroll)
 
 
 def eval_loss(learner: train.Learner, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -321,7 +322,7 @@ def eval_loss(learner: train.Learner, arrays: Mapping[str, np.ndarray]) -> dict[
         model.eval()
         try:
             lp, ent = _forward_logp(model, *(jnp.asarray(arrays[k][sl]) for k in
-                                             ("tokens_BxT", "positions_BxT", "valid_BxT")))
+                                             ("tokens_BxT", "positions_BxT", "valid_BxT")), learner.unroll)
         finally:
             model.train()
         logps.append(lp)
