@@ -156,20 +156,21 @@ def _seq_stopped(recent_BxL, stop_SxL):
 
 
 def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B, stop_mask_V, stop_SxL,
-            eos_E, temperature, top_p, *, n_max: int, pad_id: int):
+            eos_E, temperature, top_p, recent_BxL=None, *, n_max: int, pad_id: int):
+    """Up to ``n_max`` steps -> (cache, logits, tokens, logp, count, stopped_B (on a stop / eos, not
+    the budget), recent_BxL (last tokens: continue stop sequences in a later call))."""
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, params)
     b = max_new_B.shape[0]
     ends_V = stop_mask_V | jnp.any(jnp.arange(stop_mask_V.shape[0])[:, None] == eos_E[None, :], axis=-1)
-    tokens0 = jnp.full((b, n_max), pad_id, jnp.int32)
-    logp0 = jnp.zeros((b, n_max), jnp.float32)
+    tokens0, logp0 = jnp.full((b, n_max), pad_id, jnp.int32), jnp.zeros((b, n_max), jnp.float32)
 
     def cond(c):
         i, done = c[0], c[5]
         return (i < n_max) & ~jnp.all(done)
 
     def body(c):
-        i, cache, logits, tokens, logp, done, count, key, recent = c
+        i, cache, logits, tokens, logp, done, count, key, recent, halted = c
         key, sub = jax.random.split(key)
         early_B = i < min_new_B                                   # min_new_tokens not reached yet
         tok, lp = _pick(logits, sub, temperature, top_p, early_B[:, None] & ends_V[None, :])
@@ -185,13 +186,13 @@ def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B,
         logits = jnp.where(live[:, None], new_logits, logits)
         done = done | stopped | (i + 1 >= max_new_B)
         return (i + 1, cache, logits, tokens, logp, done, count + live.astype(jnp.int32), key,
-                recent)
+                jnp.where(live[:, None], recent, c[8]), halted | (stopped & live))
 
-    recent0 = jnp.full((b, stop_SxL.shape[1]), -2, jnp.int32)     # matches no sequence position
+    recent_BxL = jnp.full((b, stop_SxL.shape[1]), -2, jnp.int32) if recent_BxL is None else recent_BxL
     init = (jnp.zeros((), jnp.int32), cache, last_logits_BxV, tokens0, logp0, max_new_B <= 0,
-            jnp.zeros((b,), jnp.int32), key, recent0)
-    _, cache, logits, tokens, logp, _, count, _, _ = jax.lax.while_loop(cond, body, init)
-    return cache, logits, tokens, logp, count
+            jnp.zeros((b,), jnp.int32), key, recent_BxL, jnp.zeros((b,), bool))
+    _, cache, logits, tokens, logp, _, count, _, recent, halted = jax.lax.while_loop(cond, body, init)
+    return cache, logits, tokens, logp, count, halted, recent
 
 
 def _prefill_decode(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT, key,
@@ -199,7 +200,7 @@ def _prefill_decode(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_
     TRACE_COUNTS["prefill_decode"] += 1
     cache, logits = _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT)
     return _decode(graphdef, params, cache, logits, key, max_new_B, min_new_B, stop_mask_V, stop_SxL,
-                   eos_E, temperature, top_p, n_max=n_max, pad_id=pad_id)
+                   eos_E, temperature, top_p, n_max=n_max, pad_id=pad_id)[:5]
 
 
 def _grow(cache: KVCache, length: int) -> KVCache:
@@ -216,7 +217,6 @@ _decode_jit = jax.jit(_decode, static_argnums=0, static_argnames=("n_max", "pad_
 _prefill_decode_jit = jax.jit(_prefill_decode, static_argnums=0,
                               static_argnames=("n_max", "pad_id"), donate_argnums=(2, 3))
 _grow_jit = jax.jit(_grow, static_argnums=1)   # new shapes: donation would not help
-
 
 # ------------------------------------------------------------------------------------ host side
 class Sampler:
@@ -352,10 +352,21 @@ class Sampler:
                                     tokens, valid)
         return state.replace(cache=cache, last_logits_BxV=logits)
 
+    def compact(self, state: SamplerState, keep: Sequence[Sequence[int]], reserve: int = 0) -> SamplerState:
+        """Drop the holes: row i keeps slots ``keep[i]`` (in order) at 0..len-1 (decode_segments)."""
+        from retroact_jax.decode_segments import compact
+        return compact(self, state, keep, reserve)
+
     def generate(self, state: SamplerState, key=None, max_new_tokens=32, *, temperature=0.0, top_p=1.0,
-                 stop_mask=None, stop_seqs=None, eos_ids=None, min_new_tokens=0) -> tuple[SamplerState, Completion]:
-        """Continue every row (``max_new_tokens``: int or one per row; 0 = leave the row alone;
-        ``min_new_tokens``: int or one per row, see the module docstring)."""
+                 stop_mask=None, stop_seqs=None, eos_ids=None, min_new_tokens=0,
+                 segment: int = 0, shrink: int = 4) -> tuple[SamplerState, Completion]:
+        """Continue every row (``max_new_tokens`` / ``min_new_tokens``: int or one per row, 0 = leave
+        the row alone). ``segment`` > 0: that many steps per call, in a shrinking batch (decode_segments)."""
+        if segment:
+            from retroact_jax.decode_segments import generate_segments
+            kw = dict(temperature=temperature, top_p=top_p, stop_mask=stop_mask, stop_seqs=stop_seqs,
+                      eos_ids=eos_ids, min_new_tokens=min_new_tokens, segment=segment, shrink=shrink)
+            return generate_segments(self, state, key, max_new_tokens, **kw)
         mx = self._budgets(max_new_tokens, state.num_rows, state.cache.batch)
         mn = self._budgets(min_new_tokens, state.num_rows, state.cache.batch, "min_new_tokens")
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
@@ -363,7 +374,7 @@ class Sampler:
         args = self._decode_args(key, mx, mn, stop_mask, stop_seqs, eos_ids, temperature, top_p)
         cache, logits, tokens, logp, lengths = _decode_jit(
             self.graphdef, self.params, state.cache, state.last_logits_BxV, *args,
-            n_max=n_max, pad_id=self.pad_id)
+            n_max=n_max, pad_id=self.pad_id)[:5]
         state = state.replace(cache=cache, last_logits_BxV=logits)
         return state, self._completion(state, tokens, logp, lengths, mx)
 

@@ -98,3 +98,24 @@ def test_min_new_tokens_reaches_the_sampler(sampler_tok):
         assert all(c.text[0] not in stops and len(c.token_ids) >= 2 for c in held)
     with pytest.raises(ValueError, match="min_new_tokens"):
         LMPolicy(sampler, tok, min_new_tokens=-1)
+
+
+def test_long_episodes_compact_the_cache_and_match_reprefill(sampler_tok):
+    """Many steps with short, uneven rows: the shared write cursor leaves holes that compaction
+    (a gather) drops; the cache stays in a small bucket and completions equal a full re-prefill."""
+    sampler, tok = sampler_tok
+    inc, ref = LMPolicy(sampler, tok), LMPolicy(sampler, tok, incremental=False)
+    ctx = {k: [Span("prompt", f"Q{k}: " + "x" * (5 + 20 * k))] for k in range(3)}
+    for step in range(12):
+        reqs = [Request(k, list(ctx[k])) for k in sorted(ctx)]
+        longest = max(len(tok.encode("".join(s.text for s in ctx[k]))) for k in ctx)
+        a = inc.generate(reqs, ["\n"], 10, 0.0)
+        b = ref.generate(reqs, ["\n"], 10, 0.0)
+        for k, x, y in zip(sorted(ctx), a, b):
+            assert x.token_ids == y.token_ids and x.text == y.text
+            ctx[k].append(Span("generated", x.text, x.token_ids, x.logprobs))
+            ctx[k].append(Span("observation", f"\nObs {step}: {'ok' * k}\n>"))
+        # near the longest row: + one extension chunk (<= 32 here) + the call's 10 new tokens
+        assert inc.state.cache.length <= sampling.bucket(longest + 32 + 10, sampler.length_buckets, "")
+    assert inc.stats["compactions"] >= 3
+    assert max(len(r.ids) for r in inc.rows) > 100

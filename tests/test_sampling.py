@@ -185,6 +185,40 @@ def test_extend_then_decode_equals_decode_from_full_prefill(model):
         sampler.extend(state, [[1] * 250] * 4)
 
 
+def test_compact_drops_holes_and_keeps_the_continuation(model):
+    """compact() moves each row's kept slots to the front of a smaller cache: generation goes on
+    as from the uncompacted cache (and equals a full re-prefill of the kept tokens)."""
+    sampler = sampling.Sampler(model, eos_ids=(), length_buckets=(64, 128, 256))
+    obs = [[100, 101, 102], [200], [], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
+    state = sampler.start(PROMPTS)
+    histories = [list(p) for p in PROMPTS]
+    for step in range(3):
+        state, out = sampler.generate(state, max_new_tokens=[5, 9, 2, 6])
+        for h, o, n in zip(histories, out.tokens_BxN, out.lengths_B):
+            h.extend(o[:n].tolist())
+        state = sampler.extend(state, obs)
+        for h, o in zip(histories, obs):
+            h.extend(o)
+    assert state.cache.length == 128 and int(state.cache.end) > max(map(len, histories))
+    valid = np.asarray(state.cache.valid_BxS)
+    keep = [np.flatnonzero(valid[i]).tolist() for i in range(4)]
+    keep[2] = keep[2][:len(PROMPTS[2])]                   # row 2 also rolls back to its prompt
+    small = sampler.compact(state, keep, reserve=8)
+    assert small.cache.length == 64 and int(small.cache.end) == max(map(len, keep))
+    assert np.asarray(small.cache.lengths()).tolist() == list(map(len, keep))
+    histories[2] = list(PROMPTS[2])
+    small = sampler.extend(small, [[], [], [9], []])      # fresh logits for the rolled-back row
+    histories[2].append(9)
+    small, out = sampler.generate(small, max_new_tokens=6)
+    _, ref = sampler.sample(histories, max_new_tokens=6)
+    assert (out.tokens_BxN == ref.tokens_BxN).all()
+    np.testing.assert_allclose(out.logp_BxN, ref.logp_BxN, atol=1e-4)
+    with pytest.raises(sampling.SamplerError, match="compact"):
+        sampler.compact(small, keep[:3])
+    with pytest.raises(sampling.SamplerError, match="outside"):
+        sampler.compact(small, [[0], [1], [64], []])
+
+
 def test_long_extension_in_query_sub_chunks_equals_one_pass(model, monkeypatch):
     """An extension whose scores pass the budget runs as a scan over query sub-chunks: the same
     cache, positions and next-token logits as one pass (prefill, then an extension with holes)."""
@@ -336,3 +370,30 @@ def test_smollm2_greedy_equals_transformers_generate():
     for i in range(4):
         assert out.tokens_BxN[i].tolist() == ref[i].tolist(), (texts[i], tok.decode(ref[i]),
                                                                tok.decode(out.tokens_BxN[i]))
+
+
+def test_segmented_decode_with_shrinking_batch_equals_one_call(model):
+    """generate(segment=..) decodes a few steps at a time and moves the rows still running into a
+    smaller batch: same greedy tokens, stops (incl. a stop sequence across segments) and log-probs
+    as one call, and the state continues the same way."""
+    sampler = sampling.Sampler(model, eos_ids=(), length_buckets=(64, 128, 256), new_token_buckets=(8, 16, 32, 64))
+    prompts = [[5 + i, 6, 7 + 2 * i] for i in range(8)]
+    _, probe = sampler.sample(prompts, max_new_tokens=30)
+    stop = np.zeros((model.cfg.vocab_size,), bool)
+    stop[[int(probe.tokens_BxN[i, 3 + i]) for i in range(0, 8, 2)]] = True   # some rows stop early
+    seqs = [tuple(int(t) for t in probe.tokens_BxN[1, 9:11])]               # row 1: a 2-token sequence
+    budgets = [30, 30, 12, 30, 5, 30, 0, 30]
+    outs = []
+    for segment in (0, 8):
+        state = sampler.start(prompts, reserve=40)
+        state, out = sampler.generate(state, max_new_tokens=budgets, stop_mask=stop, stop_seqs=seqs,
+                                      min_new_tokens=2, segment=segment)
+        state = sampler.extend(state, [[9, 9]] * 8)
+        state, nxt = sampler.generate(state, max_new_tokens=6)
+        outs.append((out, nxt, np.asarray(state.cache.lengths())))
+    (a, a2, la), (b, b2, lb) = outs
+    assert a.lengths_B.tolist() == b.lengths_B.tolist() and min(a.lengths_B[:6]) < 30
+    assert (a.tokens_BxN == b.tokens_BxN).all() and (a2.tokens_BxN == b2.tokens_BxN).all()
+    np.testing.assert_allclose(a.logp_BxN, b.logp_BxN, atol=1e-5)
+    assert la.tolist() == lb.tolist()
+    assert sampling.TRACE_COUNTS["take_rows"] >= 1 and sampling.TRACE_COUNTS["put_rows"] >= 1

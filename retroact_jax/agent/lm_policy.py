@@ -11,9 +11,11 @@ and scoring tokenise the same text, batching.tokenize_sample) and compared with 
   output), replaced (InterCode's action fallback), or when the sampled ids are not the canonical
   tokenisation of their text or merge with the next span's text ("\\n" + "\\n" -> "\\n\\n").
   At least the last token is always re-fed so the row's next-token logits are fresh.
-- rows are reused when episodes end (``release``); when the shared write cursor nears the end of
-  the cache (holes of finished episodes and rollbacks accumulate), the state is compacted: rebuilt
-  by one prefill of every live row's ids.
+- rows are reused when episodes end (``release``). All rows write at one shared cursor, so every
+  call leaves holes (chunk padding, rows that stopped decoding early, rollbacks, finished
+  episodes); before a call that would grow the cache, or whose live rows fit a smaller length
+  bucket, the holes are dropped by a gather (``Sampler.compact``): the cache stays near the
+  longest live row, which is what every decode step reads.
 
 ``incremental=False`` re-prefills every context at every call (the baseline for bench/rollout.py).
 Stop strings become the sampler's vocabulary mask (tokens whose text contains one) and, for a stop
@@ -22,6 +24,9 @@ string that spans several tokens ("Observation"), token sequences the decode loo
 the stop string): the completion and the row are cut right after it. Temperature 0 is greedy. Sampling keys derive from the requests'
 seeds, so a batch's draw is reproducible given its composition. ``min_new_tokens`` (vLLM's
 ``min_tokens``): no stop / EOS token among a completion's first n tokens (``sampling`` module).
+``segment``: the decode runs that many steps per compiled call and moves the rows still running
+into a smaller batch (``decode_segments.py``): one long completion no longer costs every row's
+compute until it stops.
 """
 from __future__ import annotations
 
@@ -54,14 +59,14 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 
 class LMPolicy:
     def __init__(self, sampler: sampling.Sampler, tokenizer, *, incremental: bool = True,
-                 top_p: float = 1.0, compact_slack: float = 2.0, min_new_tokens: int = 0):
+                 top_p: float = 1.0, min_new_tokens: int = 0, segment: int = 32):
         self.sampler, self.tok = sampler, tokenizer
         if int(min_new_tokens) < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
         self.min_new_tokens = int(min_new_tokens)
         self.incremental = incremental
+        self.segment = int(segment)      # decode steps per compiled call (0: one call per generate)
         self.top_p = float(top_p)
-        self.compact_slack = float(compact_slack)
         self.state: sampling.SamplerState | None = None
         self.rows: list[_Row] = []
         self._stop_masks: dict[tuple[str, ...], tuple[np.ndarray, list]] = {}
@@ -99,13 +104,14 @@ class LMPolicy:
             self.stats["prefill_tokens"] += sum(map(len, ids))
             return [self._completion(out, i, stop) for i in range(len(requests))]
         rows = self._assign([r.key for r in requests])
-        self._sync(rows, ids)
+        self._sync(rows, ids, int(max_new_tokens))
         budgets = np.zeros((self.state.num_rows,), np.int64)
         budgets[rows] = max_new_tokens
         before = np.asarray(self.state.cache.valid_BxS)
         self.state, out = self.sampler.generate(self.state, key, budgets, temperature=temperature,
                                                 top_p=self.top_p, stop_mask=mask, stop_seqs=seqs,
-                                                min_new_tokens=self.min_new_tokens)
+                                                min_new_tokens=self.min_new_tokens,
+                                                segment=self.segment)
         new_slots = self._new_slots(before)
         comps = []
         for i, row in enumerate(rows):
@@ -176,20 +182,37 @@ class LMPolicy:
             before = np.pad(before, ((0, 0), (0, after.shape[1] - before.shape[1])))
         return [list(np.flatnonzero(after[i] & ~before[i])) for i in range(after.shape[0])]
 
-    def _sync(self, rows: list[int], ids: list[list[int]]) -> None:
-        """Make each row hold exactly ``ids`` (prefix kept, rest rolled back and extended)."""
-        todo = {}
+    def _sync(self, rows: list[int], ids: list[list[int]], max_new: int) -> None:
+        """Make each row hold exactly ``ids`` (prefix kept, rest rolled back and extended); drop
+        the cache's holes first (``Sampler.compact``) when that shrinks it or saves a growth."""
+        todo, dropped = {}, []
         for row, x in zip(rows, ids):
-            keep = min(_lcp(self.rows[row].ids, x), len(x) - 1)
-            self._rollback(row, keep)
+            r = self.rows[row]
+            keep = min(_lcp(r.ids, x), len(x) - 1)
+            dropped += [(row, s) for s in r.slots[keep:]]
+            self.stats["rolled_back"] += len(r.slots) - keep
+            del r.ids[keep:], r.slots[keep:]
             todo[row] = x[keep:]
             self.stats["reused_tokens"] += keep
-        live = max(len(r.ids) + len(todo.get(i, [])) for i, r in enumerate(self.rows))
-        end = int(self.state.cache.end)
-        if end + max(map(len, todo.values())) > self.compact_slack * live + 512 \
-                and end > 4 * 512:
-            self._rebuild(extra=0, pending=todo)
-            todo = {row: [] for row in todo}
+        live = [r.slots if r.key is not None else [] for r in self.rows]
+        most = max(map(len, live))
+        longest = max(map(len, todo.values()))
+        chunk = sampling.bucket(longest, self.sampler.chunk_buckets, "token chunk length") if longest else 0
+        end, length = int(self.state.cache.end), self.state.cache.length
+        room = most + chunk + max_new
+        shrinks = sampling.bucket(max(room, 1), self.sampler.length_buckets, "KV cache length") < length
+        if end > most and (end + chunk + max_new > length or shrinks):
+            self.state = self.sampler.compact(self.state, live, reserve=chunk + max_new)
+            for r, kept in zip(self.rows, live):
+                if r.key is None:
+                    r.ids, r.slots = [], []
+                else:
+                    r.slots = list(range(len(kept)))
+            self.stats["compactions"] += 1
+        elif dropped:
+            valid = np.array(self.state.cache.valid_BxS)
+            valid[tuple(zip(*dropped))] = False
+            self.state = self.state.replace(cache=self.state.cache.replace(valid_BxS=jnp.asarray(valid)))
         new = [todo.get(i, []) for i in range(self.state.num_rows)]
         if any(new):
             before = np.asarray(self.state.cache.valid_BxS)
