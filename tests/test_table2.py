@@ -159,3 +159,29 @@ def test_reevaluation_from_published_adapters_reproduces_scores(table, tmp_path)
     assert set(got) == {"sft_rl", "retroact_single"}
     for r in got.values():
         assert r["tasks"] == 2 and r["mismatches"] == []
+
+
+@pytest.mark.slow
+def test_validation_eval_shares_the_run_dir_with_the_test_eval(table):
+    """Tuning (split=validation) in the table's run dir reuses its trained stages and evaluates into
+    eval_validation/; the test eval's trajectories and results stay as they were (before, the second
+    split's eval found the first's trajectories.jsonl and stopped)."""
+    d, c, _ = table
+    run = pathlib.Path(c.run_dir)
+    test_res = (run / "sft_rl" / "eval" / "results.json").read_text()
+    rl_summary = (run / "sft_rl" / "rl" / "rl_summary.json").stat().st_mtime_ns
+    v = tiny_table_config(d, "sft_rl")
+    v.split, v.publish = "validation", str(d / "published_validation")
+    pipeline.resolve(v)
+    validate.validate(v)
+    got = pipeline.run(v)
+    assert len(got) == 1 and got[0]["num_tasks"] == 2
+    vrecs = [json.loads(x) for x in (run / "sft_rl" / "eval_validation" / "trajectories.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in vrecs} == {"train"}
+    assert {r["task_index"] for r in vrecs} <= set(holdout.indices(753, 3, 0))
+    assert (run / "sft_rl" / "eval" / "results.json").read_text() == test_res
+    assert (run / "sft_rl" / "rl" / "rl_summary.json").stat().st_mtime_ns == rl_summary   # not retrained
+    assert json.loads((d / "published_validation" / "results.json").read_text())["methods"][0]["tasks"]
+    # and back: the test split's finished eval is skipped, not replayed into the validation records
+    pipeline.run(c)
+    assert (run / "sft_rl" / "eval" / "results.json").read_text() == test_res

@@ -138,7 +138,7 @@ def eval_tasks(c: Any) -> tuple[str, list[int]]:
 def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pathlib.Path,
              multi_agent: bool = True, model: str = "trained") -> dict:
     """Run (or resume) the evaluation of method ``m`` with ``model`` (``model_sources``) in
-    ``eval_dir(method_dir, model)``; returns its results (results.json)."""
+    ``eval_dir(method_dir, model, c.split)``; returns its results (results.json)."""
     import envs
     from retroact_jax.agent import loop, rollout
     bench = benchmarks.get(c.env)
@@ -162,7 +162,7 @@ def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
         planner_max_tokens=c.eval.planner_max_tokens or None,
         reflector_max_tokens=c.eval.reflector_max_tokens or None,
         memory_last="default" if c.eval.memory_last < 0 else c.eval.memory_last)
-    out = eval_dir(method_dir, model)
+    out = eval_dir(method_dir, model, c.split)
     out.mkdir(parents=True, exist_ok=True)
     # several processes: each plays its share of the tasks (in out/process-<p>-of-<N>/), the records
     # are gathered and process 0 writes them in (task, trial) order with the results
@@ -208,8 +208,12 @@ def _sources(c: Any, m: methods_lib.Method, model: str, method_dir: pathlib.Path
     return {"planner": planner, **({"reflector": reflector} if m.reflector != methods_lib.NONE else {})}
 
 
-def eval_dir(method_dir: pathlib.Path, model: str = "trained") -> pathlib.Path:
-    return method_dir / ("eval" if model == "trained" else f"eval_{model}")
+def eval_dir(method_dir: pathlib.Path, model: str = "trained", split: str = "") -> pathlib.Path:
+    """``eval`` (the trained model), ``eval_<model>`` (base / il); a split other than the paper's
+    (``config.split``, e.g. validation) gets its own ``..._<split>`` directory, so tuning runs and the
+    test run share the trained stages of one run dir and never each other's trajectories."""
+    name = "eval" if model == "trained" else f"eval_{model}"
+    return method_dir / (f"{name}_{split}" if split else name)
 
 
 def compare_label(m: methods_lib.Method, model: str) -> str:

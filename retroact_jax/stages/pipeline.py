@@ -152,7 +152,7 @@ def eval_config(c: Any) -> dict:
 def run_eval(c: Any, m: methods_lib.Method, model: str = "trained") -> dict:
     """The eval stage with ``model`` (trained | il | base), skipped when it finished with this config."""
     d = method_dir(c, m)
-    out = evaluate.eval_dir(d, model)
+    out = evaluate.eval_dir(d, model, c.split)
     f = out / "stage_config.json"
     if distributed.agree((out / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c)):
         log.info("%s: eval finished in %s, skipped", m.name, out)
@@ -185,7 +185,7 @@ def run_method(c: Any, m: methods_lib.Method) -> dict | None:
         got = {k: run_eval(c, m, k) for k in ["trained"] + as_list(c.eval.compare)}
         if len(got) > 1:
             print(compare(c, m, got))
-    res = d / "eval" / "results.json"
+    res = evaluate.eval_dir(d, "trained", c.split) / "results.json"
     return distributed.agree(json.loads(res.read_text()) if distributed.is_main() and res.exists() else None)
 
 

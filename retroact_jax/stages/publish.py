@@ -159,11 +159,12 @@ def publish(c: Any, results: Sequence[Mapping], command: str | None = None) -> p
     for name in pipeline.method_names(c):
         m = methods_lib.get(name)
         mdir, il = pipeline.method_dir(c, m), pipeline.il_dir(c, m)
-        res_f = mdir / "eval" / "results.json"
+        ev = evaluate.eval_dir(mdir, "trained", c.split)
+        res_f = ev / "results.json"
         if not res_f.exists():
             continue
         res = json.loads(res_f.read_text())
-        recs = evaluation.TrajectoryLog(mdir / "eval" / "trajectories.jsonl").load()
+        recs = evaluation.TrajectoryLog(ev / "trajectories.jsonl").load()
         row = {k: res[k] for k in ("backbone", "method", "env", "num_tasks", "trials", "primary", "metrics",
                                    "actions")}
         row.update(run=res["run"], reflection_changes=reflection_changes(recs), tasks=per_task(recs))
@@ -284,7 +285,8 @@ def reevaluate(published: str | pathlib.Path, run_dir: str | pathlib.Path, metho
         validate.validate(c)
         pipeline.run(c)
         m = methods_lib.get(name)
-        recs = evaluation.TrajectoryLog(pipeline.method_dir(c, m) / "eval" / "trajectories.jsonl").load()
+        recs = evaluation.TrajectoryLog(evaluate.eval_dir(pipeline.method_dir(c, m), "trained", c.split)
+                                   / "trajectories.jsonl").load()
         now = {(t["task_index"], x["trial"]): x["score"] for t in per_task(recs) for x in t["trials"]}
         was = {(t["task_index"], x["trial"]): x["score"] for t in runs[run]["tasks"] for x in t["trials"]}
         bad = [(k[0], k[1], was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
