@@ -161,19 +161,26 @@ def test_stop_token_sequences_from_tokenizers():
                for q in seqs)
 
 
-def test_extend_then_decode_equals_decode_from_full_prefill(model):
+def _grown_episodes(model):
+    """Three rounds of generate + extend over the four PROMPTS (the cache grows from 64 to 128 slots):
+    the sampler, its state and each row's token history."""
     sampler = sampling.Sampler(model, eos_ids=(), length_buckets=(64, 128, 256))
     obs = [[100, 101, 102], [200], [], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
     state = sampler.start(PROMPTS)
     assert state.cache.length == 64
     histories = [list(p) for p in PROMPTS]
-    for step in range(3):
+    for _ in range(3):
         state, out = sampler.generate(state, max_new_tokens=[5, 9, 2, 6])
         for h, o, n in zip(histories, out.tokens_BxN, out.lengths_B):
             h.extend(o[:n].tolist())
         state = sampler.extend(state, obs)
         for h, o in zip(histories, obs):
             h.extend(o)
+    return sampler, state, histories
+
+
+def test_extend_then_decode_equals_decode_from_full_prefill(model):
+    sampler, state, histories = _grown_episodes(model)
     assert state.cache.length == 128                   # grew past 64 slots by copying
     state, out = sampler.generate(state, max_new_tokens=6)
     fresh, ref = sampler.sample(histories, max_new_tokens=6)
@@ -188,17 +195,7 @@ def test_extend_then_decode_equals_decode_from_full_prefill(model):
 def test_compact_drops_holes_and_keeps_the_continuation(model):
     """compact() moves each row's kept slots to the front of a smaller cache: generation goes on
     as from the uncompacted cache (and equals a full re-prefill of the kept tokens)."""
-    sampler = sampling.Sampler(model, eos_ids=(), length_buckets=(64, 128, 256))
-    obs = [[100, 101, 102], [200], [], [300, 301, 302, 303, 304, 305, 306, 307, 308]]
-    state = sampler.start(PROMPTS)
-    histories = [list(p) for p in PROMPTS]
-    for step in range(3):
-        state, out = sampler.generate(state, max_new_tokens=[5, 9, 2, 6])
-        for h, o, n in zip(histories, out.tokens_BxN, out.lengths_B):
-            h.extend(o[:n].tolist())
-        state = sampler.extend(state, obs)
-        for h, o in zip(histories, obs):
-            h.extend(o)
+    sampler, state, histories = _grown_episodes(model)
     assert state.cache.length == 128 and int(state.cache.end) > max(map(len, histories))
     valid = np.asarray(state.cache.valid_BxS)
     keep = [np.flatnonzero(valid[i]).tolist() for i in range(4)]
