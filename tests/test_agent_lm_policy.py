@@ -119,3 +119,36 @@ def test_long_episodes_compact_the_cache_and_match_reprefill(sampler_tok):
         assert inc.state.cache.length <= sampling.bucket(longest + 32 + 10, sampler.length_buckets, "")
     assert inc.stats["compactions"] >= 3
     assert max(len(r.ids) for r in inc.rows) > 100
+
+
+class _SpecialTextTokenizer(ToyTokenizer):
+    """Decodes every id to its text, special tokens included (an HF tokenizer without
+    ``skip_special_tokens``: "<|im_end|>" shows up in the text)."""
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)
+
+
+def test_a_completion_ending_on_eos_excludes_it(sampler_tok):
+    """The EOS token ends a completion but is not part of its text, ids or log-probs
+    (``Finish[no]<|im_end|>`` was parsed as an invalid action); the next call, whose context
+    lacks the EOS, equals a full re-prefill."""
+    base, _ = sampler_tok
+    tok = _SpecialTextTokenizer()
+    ctx = [Span("prompt", "Question 7: what is 7?")]
+    free = LMPolicy(sampling.Sampler(graphdef=base.graphdef, params=base.params, pad_id=0, batch_buckets=(4, 8), chunk_buckets=(32, 128, 512),
+                                     length_buckets=(256, 512, 1024, 2048), new_token_buckets=(16,), eos_ids=()),
+                    tok, incremental=False).generate([Request(0, ctx)], [], 12, 0.0)[0]
+    ids = free.token_ids
+    k = next(j for j in range(2, len(ids)) if ids[j] not in ids[:j])      # first occurrence at j >= 2
+    eos = sampling.Sampler(graphdef=base.graphdef, params=base.params, pad_id=0, batch_buckets=(4, 8), chunk_buckets=(32, 128, 512),
+                           length_buckets=(256, 512, 1024, 2048), new_token_buckets=(16,), eos_ids=(ids[k],))
+    inc, ref = LMPolicy(eos, tok), LMPolicy(eos, tok, incremental=False)
+    a, b = (p.generate([Request(0, ctx)], [], 12, 0.0)[0] for p in (inc, ref))
+    assert a.finish == "eos" and a.token_ids == ids[:k] and a.text == tok.decode(ids[:k])
+    assert len(a.logprobs) == k and np.allclose(a.logprobs, free.logprobs[:k], atol=1e-5)
+    assert (b.text, b.token_ids, b.finish) == (a.text, a.token_ids, a.finish)
+    nxt = ctx + [Span("generated", a.text, a.token_ids, a.logprobs), Span("observation", "\nObservation: ok\n")]
+    c, d = (p.generate([Request(0, nxt)], ["\n"], 8, 0.0)[0] for p in (inc, ref))
+    assert (c.text, c.token_ids) == (d.text, d.token_ids)
+    assert inc.stats["rolled_back"] >= 1          # the EOS the row's cache held

@@ -21,7 +21,8 @@ and scoring tokenise the same text, batching.tokenize_sample) and compared with 
 Stop strings become the sampler's vocabulary mask (tokens whose text contains one) and, for a stop
 string that spans several tokens ("Observation"), token sequences the decode loop stops on
 (``sampling.stop_token_sequences``); the decoded text is checked as well (another tokenisation of
-the stop string): the completion and the row are cut right after it. Temperature 0 is greedy. Sampling keys derive from the requests'
+the stop string): the completion and the row are cut right after it. A completion that ends on the model's EOS token
+returns the text before it (``finish="eos"``), as a model API does: the EOS is never action text. Temperature 0 is greedy. Sampling keys derive from the requests'
 seeds, so a batch's draw is reproducible given its composition. ``min_new_tokens`` (vLLM's
 ``min_tokens``): no stop / EOS token among a completion's first n tokens (``sampling`` module).
 ``segment``: the decode runs that many steps per compiled call and moves the rows still running
@@ -139,6 +140,13 @@ class LMPolicy:
         n = int(out.lengths_B[row])
         toks = [int(t) for t in out.tokens_BxN[row, :n]]
         logp = [float(x) for x in out.logp_BxN[row, :n]]
+        if toks and toks[-1] in self.sampler.eos_ids:
+            # ended on EOS: like a model API's completion, the text (and the ids the text
+            # re-tokenises to) stops before it; "Finish[no]<|im_end|>" would be an invalid action.
+            # The row's cache still holds the EOS; the next call's prefix check rolls it back.
+            toks, logp = toks[:-1], logp[:-1]
+            text = self.tok.decode(toks)
+            return Completion(text=text, token_ids=toks, logprobs=logp, finish="eos")
         text = self.tok.decode(toks)
         cut, hit = cut_at_stop(text, stop)
         if hit and len(cut) < len(text):

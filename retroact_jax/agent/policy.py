@@ -31,7 +31,8 @@ class Completion:
     text: str
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
-    finish: str = "stop"          # "stop" (a stop string ended it) or "length"
+    finish: str = "stop"          # "stop" (a stop string ended it), "eos" (the model's end-of-sequence
+                                  #   token did; it is not part of text / token_ids) or "length"
 
 
 class Policy(Protocol):
