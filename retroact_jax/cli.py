@@ -127,7 +127,8 @@ def user_errors():
 # directory, a diverged run): one line too; looked up only when their module is loaded (no JAX import)
 _RUN_ERRORS = (("retroact_jax.checkpoint", "CheckpointError"), ("retroact_jax.train", "TrainError"),
                ("retroact_jax.models.convert", "CheckpointError"),
-               ("retroact_jax.models.safetensors_io", "CheckpointError"))
+               ("retroact_jax.models.safetensors_io", "CheckpointError"),
+               ("retroact_jax.models.embedded", "EmbeddedModelError"))
 
 
 def _run_errors() -> tuple:
