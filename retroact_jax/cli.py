@@ -124,11 +124,12 @@ def user_errors():
 
 
 # errors a run stops with that name what to do (a damaged checkpoint with no intact step, a bad weights
-# directory, a diverged run): one line too; looked up only when their module is loaded (no JAX import)
+# directory, a diverged run, a trajectory log of another env / split): one line too; looked up only when their module is loaded (no JAX import)
 _RUN_ERRORS = (("retroact_jax.checkpoint", "CheckpointError"), ("retroact_jax.train", "TrainError"),
                ("retroact_jax.models.convert", "CheckpointError"),
                ("retroact_jax.models.safetensors_io", "CheckpointError"),
-               ("retroact_jax.models.embedded", "EmbeddedModelError"))
+               ("retroact_jax.models.embedded", "EmbeddedModelError"),
+               ("retroact_jax.evaluation", "TrajectoryError"))
 
 
 def _run_errors() -> tuple:

@@ -26,6 +26,10 @@ from typing import Iterable, Mapping, Sequence
 from retroact_jax import benchmarks
 
 
+class TrajectoryError(ValueError):
+    """A trajectory log that cannot be resumed as asked (corrupt, another env / split / task)."""
+
+
 class TrajectoryLog:
     """Append-only JSONL of trial records, keyed by (task_index, trial)."""
 
@@ -46,10 +50,10 @@ class TrajectoryLog:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{self.path}: corrupt line {len(records) + 1}: {e}") from None
+                raise TrajectoryError(f"{self.path}: corrupt line {len(records) + 1}: {e}") from None
             k = (rec["task_index"], rec["trial"])
             if k in seen:
-                raise ValueError(f"{self.path}: duplicate record for task {k[0]} trial {k[1]}")
+                raise TrajectoryError(f"{self.path}: duplicate record for task {k[0]} trial {k[1]}")
             seen.add(k)
             records.append(rec)
             good += len(line)

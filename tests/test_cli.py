@@ -68,3 +68,19 @@ def test_a_diverged_run_stops_with_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and lines and lines[-1].startswith("error: "), r.stderr[-3000:]
     assert "step" in lines[-1] and "Traceback" not in r.stderr
+
+
+def test_a_trajectory_log_of_another_env_stops_with_one_line(tmp_path):
+    """Resuming an eval whose run dir holds another env's trajectories: one line naming the file,
+    before any episode runs, and the file is left as it was."""
+    log = tmp_path / "react" / "eval" / "trajectories.jsonl"
+    log.parent.mkdir(parents=True)
+    rec = {"env": "intercode_sql", "split": "test", "task_index": 0, "trial": 0, "task_id": "x"}
+    log.write_text(json.dumps(rec) + "\n")
+    r = _run(BASE[3], f"--config.run_dir={tmp_path}", "--config.model.planner=tiny-random",
+             "--config.method=react", "--config.eval.num_tasks=1", "--config.eval.compare=")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines and lines[-1].startswith("error: "), r.stderr[-3000:]
+    assert "trajectories.jsonl" in lines[-1] and "intercode_sql/test" in lines[-1]
+    assert "Traceback" not in r.stderr
+    assert log.read_text() == json.dumps(rec) + "\n"

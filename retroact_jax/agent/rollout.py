@@ -47,7 +47,7 @@ def evaluate(env_name: str, split: str, task_indices: Sequence[int], planner, re
     done = log.load()
     for r in done:
         if r["env"] != env_name or r["split"] != split:
-            raise ValueError(f"{log.path} holds {r['env']}/{r['split']} trajectories; this run is "
+            raise evaluation.TrajectoryError(f"{log.path} holds {r['env']}/{r['split']} trajectories; this run is "
                              f"{env_name}/{split}: use another run dir")
     probe = envs.make(env_name, split)
     try:
@@ -61,7 +61,7 @@ def evaluate(env_name: str, split: str, task_indices: Sequence[int], planner, re
     for t in tasks:
         prev = by_task.get(t.index, [])
         if prev and prev[0]["task_id"] != t.id:
-            raise ValueError(f"{log.path}: task {t.index} was {prev[0]['task_id']!r}, now {t.id!r}")
+            raise evaluation.TrajectoryError(f"{log.path}: task {t.index} was {prev[0]['task_id']!r}, now {t.id!r}")
         states.append(loop.TaskState.from_records(t, prev))
 
     bar = None
