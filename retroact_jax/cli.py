@@ -128,6 +128,7 @@ def user_errors():
 _RUN_ERRORS = (("retroact_jax.checkpoint", "CheckpointError"), ("retroact_jax.train", "TrainError"),
                ("retroact_jax.models.convert", "CheckpointError"),
                ("retroact_jax.models.safetensors_io", "CheckpointError"),
+               ("retroact_jax.models.embedded", "EmbeddedModelError"),
                ("retroact_jax.evaluation", "TrajectoryError"))
 
 

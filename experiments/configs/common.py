@@ -32,7 +32,8 @@ def base(env: str) -> mlc.ConfigDict:
     c.validation.seed = 0            #   which tasks
 
     c.model = mlc.ConfigDict()
-    c.model.planner = "embedded"     # "embedded" (SmolLM2-135M-Instruct), HF dir, .gguf, "tiny-random"
+    c.model.planner = "embedded"     # "embedded" (SmolLM2-135M-Instruct), "qwen2.5-coder-0.5b-instruct"
+                                     #   (opt-in: setup.sh --qwen-coder), HF dir, .gguf, "tiny-random"
     c.model.reflector = ""           # "" = the planner's source; else another (two backbones)
     c.model.planner_lora = ""        # PEFT LoRA dirs on the untrained planner, comma list merged in turn ("" none)
     c.model.reflector_lora = ""      # the same for the reflector (published Table 2 adapters: IL, then RL)

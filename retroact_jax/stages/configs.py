@@ -31,7 +31,7 @@ def il_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0                        # data order, held-out split, LoRA init, expert task subset
     c.model = mlc.ConfigDict()
-    c.model.planner = "embedded"      # "embedded" | HF dir | .gguf | "tiny-random" (tests)
+    c.model.planner = "embedded"      # "embedded" | "qwen2.5-coder-0.5b-instruct" | HF dir | .gguf | "tiny-random"
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # two models (planner, reflector); False: one shared model
     c.model.param_dtype = "float32"   # float32 (CPU) | bfloat16 (accelerators)
@@ -119,7 +119,7 @@ def rl_config() -> mlc.ConfigDict:
                                       #   only, no reflector) | sft_ei (expert iteration of the planner)
     c.env = "hotpotqa"                # hotpotqa | alfworld | intercode_sql | intercode_bash
     c.model = mlc.ConfigDict()
-    c.model.planner = "embedded"      # the SFT planner: an HF dir (IL export), .gguf, "embedded", "tiny-random"
+    c.model.planner = "embedded"      # the SFT planner: an HF dir (IL export), .gguf, a packaged name, "tiny-random"
     c.model.reflector = ""            # "" = the planner's source
     c.model.multi_agent = True        # False: single agent, one model with shared parameters
     c.model.param_dtype = "float32"

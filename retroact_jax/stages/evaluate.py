@@ -108,8 +108,11 @@ def backbone_name(c: Any) -> str:
     """The Table 2 backbone label: ``config.backbone``, else the planner source's name."""
     if c.backbone:
         return c.backbone
+    from retroact_jax.models import embedded
     src = str(c.model.planner)
-    return {"embedded": "SmolLM2-135M-Instruct"}.get(src, pathlib.Path(src.rstrip("/")).name or src)
+    if embedded.is_packaged(src):
+        return embedded.get(src).label
+    return pathlib.Path(src.rstrip("/")).name or src
 
 
 def eval_tasks(c: Any) -> tuple[str, list[int]]:

@@ -64,9 +64,15 @@ def check(env_name: str, source: str, mcfg: ModelExpertConfig) -> None:
     if env_name not in ENVS:
         raise ExpertError(f"the model expert is built for {ENVS} (few-shot prompts and zero-shot "
                           f"rendering of that benchmark); got env {env_name!r}: use expert='gold'")
-    if source not in ("embedded", "tiny-random") and not pathlib.Path(source).exists():
-        raise ExpertError(f"expert model source {source!r} is neither 'embedded' nor an existing "
-                          "HF directory / .gguf file")
+    from retroact_jax.models import embedded
+    if embedded.is_packaged(source):
+        try:
+            embedded.check_installed(source)
+        except embedded.EmbeddedModelError as e:
+            raise ExpertError(str(e)) from None
+    elif source != "tiny-random" and not pathlib.Path(source).exists():
+        raise ExpertError(f"expert model source {source!r} is neither a packaged model "
+                          f"({', '.join(embedded.NAMES)}) nor an existing HF directory / .gguf file")
     if mcfg.planner_examples < 1 or mcfg.reflector_examples < 1:
         raise ExpertError(f"the model expert is few-shot: planner_examples and reflector_examples "
                           f"must be >= 1, got {mcfg.planner_examples}, {mcfg.reflector_examples}")

@@ -73,6 +73,9 @@ def top_level(c: Any) -> None:
             raise _fail("stages", c.stages, f"a subset of {', '.join(sorted(known))} (the stages of "
                         f"{', '.join(names)})")
     _choice(c, "", "model.policy", POLICIES)
+    if c.model.policy == "lm":
+        for key in ("model.planner", "model.reflector"):
+            _packaged_model(c, key)
     _at_least(c, "", ("validation.num_tasks",), 0)
     if c.split == "validation" and c.validation.num_tasks < 1:
         raise _fail("split", c.split, "needs config.validation.num_tasks > 0 (the slice of the train split)")
@@ -100,6 +103,18 @@ def top_level(c: Any) -> None:
         if k == "il" and any(not methods_lib.get(n).rl for n in names):
             raise _fail("eval.compare", c.eval.compare, "'il' needs methods with an RL stage (without "
                         "one the trained model is the IL one)")
+
+
+def _packaged_model(c: Any, key: str) -> None:
+    """A packaged model's name (models/embedded.py) needs its PyPI packages: say how to install them."""
+    from retroact_jax.models import embedded
+    source = str(_get(c, key))
+    if not embedded.is_packaged(source):
+        return
+    try:
+        embedded.check_installed(source)
+    except embedded.EmbeddedModelError as e:
+        raise ConfigError(f"config.{key}={source!r}: {e}") from None
 
 
 def optimizer(o: Any, prefix: str) -> None:
