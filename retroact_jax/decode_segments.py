@@ -1,5 +1,6 @@
 """Moving cache rows and slots: decoding in segments with a shrinking batch (the few rows still
-running stop paying for the rest), and compaction (dropping the shared write cursor's holes).
+running stop paying for the rest), extensions in row groups (a few long additions no longer pad
+every row to their length), and compaction (dropping the shared write cursor's holes).
 
 ``Sampler.generate`` runs one compiled loop until its *last* row stops, every step costing a
 full-batch forward: at 32 rows, one completion that runs to its 250-token budget while the others
@@ -8,6 +9,14 @@ arguments and result as ``Sampler.generate``) decodes ``segment`` steps at a tim
 rows fit a batch bucket at most a quarter of the current one, they are gathered into a smaller
 state (``_take_rows``: their cache rows and logits) and decoding continues there; at the end every
 smaller state is written back into its parent (``_put_rows``) in place.
+
+``extend_groups`` (``Sampler.extend``): an extension costs batch x chunk tokens, the chunk being the
+bucket of the longest addition. When a few rows add a lot (a new episode's prompt, a long
+observation) and the rest a little, the long rows are extended first as a smaller batch
+(``_take_rows`` / ``_extend`` / ``_put_rows``), then the rest in their own, shorter chunk:
+``extend_plan`` peels the group of the largest chunk whenever that at least halves the tokens
+computed. Per-row results are those of one call (rows do not interact); the long rows' slots are
+holes in the others' rows.
 
 Same tokens, stops and log-probs as one ``generate`` call for greedy decoding (a row's computation
 does not depend on the other rows; stop sequences continue across segments through each row's
@@ -138,3 +147,63 @@ def generate_segments(sampler: "sampling.Sampler", state, key=None, max_new_toke
     state = state.replace(cache=cache, last_logits_BxV=logits)
     return state, sampling.Completion(tokens_BxN=tokens[:rows], lengths_B=count[:rows].astype(np.int32),
                                       logp_BxN=logp[:rows])
+
+
+def extend_plan(lengths, batch: int, batch_buckets, chunk_buckets) -> list[tuple[list[int] | None, int]]:
+    """Calls that extend rows with ``lengths`` new tokens: [(rows of a sub-batch, or None for the
+    whole batch, chunk length)], longest first. The group needing the largest chunk goes into a
+    sub-batch when that (plus the rest at its own chunk) computes at most half the tokens of one
+    whole-batch call; otherwise every remaining row goes into one whole-batch call."""
+    lengths = np.asarray(lengths, np.int64)
+    chunk = lambda n: sampling.bucket(int(n), chunk_buckets, "token chunk length")   # noqa: E731
+    left = [i for i in np.argsort(-lengths, kind="stable") if lengths[i] > 0]
+    plan = []
+    while left:
+        top = chunk(lengths[left[0]])
+        group = [i for i in left if chunk(lengths[i]) == top]
+        rest = left[len(group):]
+        small = sampling.bucket(len(group), batch_buckets, "batch size")
+        split = small * top + (batch * chunk(lengths[rest[0]]) if rest else 0)
+        if small >= batch or 2 * split > batch * top:
+            plan.append((None, top))
+            break
+        plan.append((sorted(int(i) for i in group), top))
+        left = rest
+    return plan
+
+
+def _sharded(cache: KVCache) -> bool:
+    return len(getattr(cache.k[0].sharding, "device_set", ())) > 1
+
+
+def extend_groups(sampler: "sampling.Sampler", state, new_tokens):
+    """``Sampler.extend``: the calls of ``extend_plan`` (one whole-batch call on a sharded cache)."""
+    b = state.cache.batch
+    lens = [len(r) for r in new_tokens]
+    plan = ([(None, 0)] if _sharded(state.cache) else
+            extend_plan(lens, b, sampler.batch_buckets, sampler.chunk_buckets))
+    done = set()
+    for rows, _ in plan:
+        if rows is None:
+            rows_now = [r if i not in done else [] for i, r in enumerate(new_tokens)]
+            tokens, valid = sampler._chunk(rows_now, b)
+            state = sampler._fit(state, int(state.cache.end) + tokens.shape[1])
+            cache, logits = sampling._extend_jit(sampler.graphdef, sampler.params, state.cache,
+                                                 state.last_logits_BxV, tokens, valid)
+            state = state.replace(cache=cache, last_logits_BxV=logits)
+            break
+        small = sampling.bucket(len(rows), sampler.batch_buckets, "batch size")
+        tokens, valid = sampler._chunk([new_tokens[i] for i in rows] + [[]] * (small - len(rows)), small)
+        state = sampler._fit(state, int(state.cache.end) + tokens.shape[1])
+        take = np.full((small,), rows[0], np.int32)
+        take[:len(rows)] = rows
+        back = np.full((small,), b, np.int32)                   # dummies: dropped on the way back
+        back[:len(rows)] = rows
+        child, child_logits = _take_rows_jit(state.cache, state.last_logits_BxV, jnp.asarray(take))
+        child, child_logits = sampling._extend_jit(sampler.graphdef, sampler.params, child, child_logits,
+                                                   tokens, valid)
+        cache, logits = _put_rows_jit(state.cache, state.last_logits_BxV, child, child_logits,
+                                      jnp.asarray(back))
+        state = state.replace(cache=cache, last_logits_BxV=logits)
+        done.update(rows)
+    return state

@@ -340,17 +340,15 @@ class Sampler:
         return state.replace(cache=cache, last_logits_BxV=logits)
 
     def extend(self, state: SamplerState, new_tokens: Sequence[Sequence[int]]) -> SamplerState:
-        """Append ``new_tokens[i]`` (may be empty) to row i's cache without re-prefilling."""
+        """Append ``new_tokens[i]`` (may be empty) to row i's cache without re-prefilling (a few long
+        additions in a smaller batch first: ``decode_segments.extend_groups``)."""
         if len(new_tokens) != state.num_rows:
             raise SamplerError(f"extend() got {len(new_tokens)} rows, the state has "
                                f"{state.num_rows}")
         if all(len(r) == 0 for r in new_tokens):
             return state
-        tokens, valid = self._chunk(new_tokens, state.cache.batch)
-        state = self._fit(state, int(state.cache.end) + tokens.shape[1])
-        cache, logits = _extend_jit(self.graphdef, self.params, state.cache, state.last_logits_BxV,
-                                    tokens, valid)
-        return state.replace(cache=cache, last_logits_BxV=logits)
+        from retroact_jax.decode_segments import extend_groups     # long additions in a sub-batch
+        return extend_groups(self, state, new_tokens)
 
     def compact(self, state: SamplerState, keep: Sequence[Sequence[int]], reserve: int = 0) -> SamplerState:
         """Drop the holes: row i keeps slots ``keep[i]`` (in order) at 0..len-1 (decode_segments)."""

@@ -394,3 +394,48 @@ def test_segmented_decode_with_shrinking_batch_equals_one_call(model):
     np.testing.assert_allclose(a.logp_BxN, b.logp_BxN, atol=1e-5)
     assert la.tolist() == lb.tolist()
     assert sampling.TRACE_COUNTS["take_rows"] >= 1 and sampling.TRACE_COUNTS["put_rows"] >= 1
+
+
+def test_extend_plan_peels_the_few_long_additions():
+    from retroact_jax.decode_segments import extend_plan
+    bb, cb = (1, 2, 4, 8), (16, 64, 256, 1024)
+    # one long addition among short ones: 1 x 1024 + 8 x 16 tokens instead of 8 x 1024
+    assert extend_plan([5, 300, 5, 5, 0, 5, 5, 5], 8, bb, cb) == [([1], 1024), (None, 16)]
+    # two levels: the 1024 row, then the two 256 rows, then the rest
+    assert extend_plan([5, 300, 100, 200, 5, 5, 5, 5], 8, bb, cb) == [([1], 1024), ([2, 3], 256), (None, 16)]
+    assert extend_plan([300] * 5 + [5] * 3, 8, bb, cb) == [(None, 1024)]     # most rows are long
+    assert extend_plan([20, 30, 40, 50], 4, bb, cb) == [(None, 64)]          # one chunk for all
+    assert extend_plan([0, 0, 300, 0], 4, bb, cb) == [([2], 1024)]          # only it adds tokens
+
+
+def test_grouped_extension_equals_one_call(model):
+    """Sampler.extend with a few long additions (a new prompt among observations): the long rows
+    go through a sub-batch first; every row's next-token logits and greedy continuation equal one
+    whole-batch call's (the padding differs, the per-row math does not)."""
+    from retroact_jax.decode_segments import extend_plan
+    sampler = sampling.Sampler(model, eos_ids=(), chunk_buckets=(8, 32, 128), length_buckets=(256, 512),
+                               batch_buckets=(1, 2, 4, 8))
+    prompts = [[5 + i, 6, 7 + 2 * i, 9] for i in range(8)]
+    new = [[30 + i, 31] for i in range(8)]
+    new[3] = list(range(100, 200))                                      # one long addition
+    new[6] = []                                                         # one row adds nothing
+    assert extend_plan(list(map(len, new)), 8, sampler.batch_buckets, sampler.chunk_buckets)[0] == ([3], 128)
+
+    def one_call(state):
+        tokens, valid = sampler._chunk(new, state.cache.batch)
+        cache, logits = sampling._extend_jit(sampler.graphdef, sampler.params, state.cache,
+                                             state.last_logits_BxV, tokens, valid)
+        return state.replace(cache=cache, last_logits_BxV=logits)
+
+    outs = []
+    for extend in (one_call, lambda s: sampler.extend(s, new)):
+        before = dict(sampling.TRACE_COUNTS)
+        state = extend(sampler.start(prompts))
+        state, out = sampler.generate(state, max_new_tokens=6)
+        outs.append((np.asarray(state.last_logits_BxV), out, np.asarray(state.cache.lengths()),
+                     {k: sampling.TRACE_COUNTS[k] - before.get(k, 0) for k in ("take_rows", "put_rows")}))
+    (l0, o0, n0, _), (l1, o1, n1, traced) = outs
+    assert (o1.tokens_BxN == o0.tokens_BxN).all() and n1.tolist() == n0.tolist()
+    np.testing.assert_allclose(o1.logp_BxN, o0.logp_BxN, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, atol=1e-5)
+    assert traced["take_rows"] >= 1 and traced["put_rows"] >= 1      # the sub-batch path ran (first trace)
