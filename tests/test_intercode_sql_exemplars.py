@@ -48,9 +48,10 @@ def test_gold_tables_of_every_spider_gold_are_schema_tables():
         assert {x for x in t.data["db_tables"] if x.lower() in words} == set(ts), t.id
 
 
-def test_exemplar_tasks_skip_limit_golds():
+def test_exemplar_tasks_one_table_no_limit():
     assert not S.stable_example(_task("SELECT name FROM singer ORDER BY age LIMIT 1"))
     assert S.stable_example(_task("SELECT name FROM singer WHERE name = 'limit'"))
+    assert not S.stable_example(_task("SELECT count(*) FROM singer AS T1 JOIN concert AS T2"))
     assert S.stable_example(split_tasks("train")[1]) and not S.stable_example(split_tasks("train")[0])
 
 
@@ -100,9 +101,10 @@ def test_exemplars_played_in_real_env_and_shown_in_planner_prompt():
     _server()
     train = split_tasks("train")
     shown = fewshot._pick("intercode_sql", 2)[None]
-    assert [t.index for t in shown] == [1, 2]              # task 0's gold ends in ORDER BY ... LIMIT
-    two = next(t for t in train[3:] if len(S.gold_tables(t)) >= 2)   # a join, not an exemplar
-    recs = sorted(fewshot._run("intercode_sql", shown + [two], fail=False), key=lambda r: r["task_index"])
+    assert [t.index for t in shown] == [1, 4]     # 0: ORDER BY ... LIMIT; 2, 3: two tables
+    two = next(t for t in train if len(S.gold_tables(t)) >= 2)       # a join, not an exemplar
+    by_index = {r["task_index"]: r for r in fewshot._run("intercode_sql", shown + [two], fail=False)}
+    recs = [by_index[t.index] for t in shown + [two]]
     for rec, task in zip(recs, shown + [two]):
         _check_trial(rec, task)
     assert len([s for s in recs[2]["steps"] if "DESC" in s["action"]]) == 2

@@ -15,9 +15,10 @@ away led SmolLM2 and Qwen2.5-Coder to query tables and columns they had never lo
 
 ALFWorld exemplars are per task type (the original uses two of the task's own type); the planner
 prompt picks ``examples[task_type]``. InterCode-Bash has no training split: few-shot methods are
-refused there rather than showing evaluated tasks. InterCode-SQL exemplars skip golds with ``LIMIT``:
-MariaDB breaks ``ORDER BY ... LIMIT`` ties per connection (train task 0 gave four different ids
-on six connections), so such an exemplar's text, and with it the prompt, changed from run to run.
+refused there rather than showing evaluated tasks. InterCode-SQL exemplars are golds on one table
+without ``LIMIT`` (``example_ok``): MariaDB breaks ``ORDER BY ... LIMIT`` ties per connection (train
+task 0 gave four different ids on six connections), so such an exemplar's text, and with it the
+prompt, changed from run to run; a join's exemplar was too long for the small models.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ exemplars (agent/fewshot.py) and the IL expert (``expert="gold"``, stages/expert
 the schema being read; an exemplar that ran the gold straight away taught the prompted baselines to
 query tables and columns they had never seen. The scripted failure lists the tables and submits
 that list; its reflection names the DESC steps and the gold query it should have run. Exemplars
-come from train golds without LIMIT (``stable_example``), so their text is the same in every run.
+come from train golds on one table without LIMIT (``stable_example``): short, and the same text in
+every run.
 """
 from __future__ import annotations
 
@@ -92,10 +93,13 @@ def gold_reflection(task) -> str:
 
 
 def stable_example(task) -> bool:
-    """A gold without LIMIT: MariaDB breaks ``ORDER BY ... LIMIT`` ties per connection, so such an
-    exemplar would show other rows in each run (the 5 of the first 300 train golds whose result
-    varied over four connections all end in ``ORDER BY ... LIMIT``)."""
-    return not re.search(r"\blimit\b", _LITERAL.sub("''", task.data["gold"]), re.I)
+    """A short exemplar that reads the same in every run: a gold on one table (one DESC: a join's
+    DESCs and long results made a two-exemplar prompt of 1,297 tokens instead of ~700) without LIMIT
+    (MariaDB breaks ``ORDER BY ... LIMIT`` ties per connection, so such an exemplar would show other
+    rows in each run: the 5 of the first 300 train golds whose result varied over four connections
+    all end in ``ORDER BY ... LIMIT``)."""
+    return (len(gold_tables(task)) == 1
+            and not re.search(r"\blimit\b", _LITERAL.sub("''", task.data["gold"]), re.I))
 
 
 BENCHMARK = intercode.benchmark("intercode_sql", "InterCode-SQL", "SQL", "SHOW TABLES", eval_tasks=100,
