@@ -570,3 +570,31 @@ def test_capped_results_print_no_traceback(server):
         "Error executing query: Query execution was interrupted (max_statement_time exceeded)",
         "[(4079,)]",
         "Error executing query: Table 'world_1.no_such_table' doesn't exist"]
+
+
+@pytest.mark.mariadb
+def test_connect_waits_while_the_server_still_counts_closed_connections(server, monkeypatch):
+    """Error 1226 (max_user_connections) right after closes, as on a loaded machine: the connect
+    is retried after a short wait; another error is raised at once."""
+    import pymysql
+    from envs.intercode_sql import session as session_mod
+    real, calls = pymysql.connect, []
+
+    def flaky(**kw):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise pymysql.err.OperationalError(1226, "User has exceeded the 'max_user_connections' resource")
+        return real(**kw)
+
+    r = SqlRunner(server)
+    try:
+        monkeypatch.setattr(session_mod.pymysql, "connect", flaky)
+        r.start_episode("world_1")
+        assert len(calls) == 3 and r.execute("SELECT 1") == [(1,)]
+        monkeypatch.setattr(session_mod.pymysql, "connect",
+                            lambda **kw: (_ for _ in ()).throw(pymysql.err.OperationalError(2003, "down")))
+        with pytest.raises(pymysql.err.OperationalError):
+            r.start_episode("world_1")
+    finally:
+        monkeypatch.undo()
+        r.close()

@@ -26,13 +26,13 @@ Layers (each one would stop the hostile statements on its own; together they als
   connection that is gone: the gold runs again on a fresh connection. XA transactions an agent
   prepared (they outlive connections, with their row locks) are rolled back by the admin account
   when the episode ends.
-- Multiple statements per call are impossible: the client flag MULTI_STATEMENTS is off (and the
-  RetroAct parser already cuts the SQL at the first ``;``).
+- Multiple statements per call are impossible: client flag MULTI_STATEMENTS off (RetroAct's parser cuts at ``;``).
 """
 from __future__ import annotations
 
 import secrets
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -167,14 +167,19 @@ class SqlRunner:
                   charset="utf8mb4", autocommit=False, connect_timeout=10, ssl_disabled=True,
                   read_timeout=self.timeout_s + BACKSTOP_S, write_timeout=self.timeout_s + BACKSTOP_S,
                   cursorclass=pymysql.cursors.SSCursor)
-        try:
-            cnx = pymysql.connect(**kw)
-        except pymysql.err.OperationalError as e:
-            if e.args and e.args[0] == 1045:   # the agent changed its password: reset it
-                self._heal_password()
+        for wait in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, None):   # waits on error 1226 (below)
+            try:
                 cnx = pymysql.connect(**kw)
-            else:
-                raise
+                break
+            except pymysql.err.OperationalError as e:
+                if e.args and e.args[0] == 1045:   # the agent changed its password: reset it
+                    self._heal_password()
+                    cnx = pymysql.connect(**kw)
+                    break
+                # 1226: the server has not yet processed closes of this user's connections (loaded machine)
+                if not (e.args and e.args[0] == 1226) or wait is None:
+                    raise
+                time.sleep(wait)
         if self._baseline is None:
             self._baseline = self._fingerprint(cnx)[:3]
         return cnx

@@ -7,9 +7,18 @@ are rendered in exactly the inference format (so an exemplar reads like the traj
 asked to continue). Planner exemplars are solved trajectories; reflector exemplars are scripted
 failures followed by a reflection naming the gold plan (Reflexion's "STATUS: FAIL ... New plan:").
 
+What an exemplar shows is its benchmark's gold script (retroact_jax/benchmarks/): HotpotQA searches
+the supporting-fact titles, then answers; ALFWorld plays the walkthrough; InterCode-SQL looks at the
+database first (``SHOW TABLES``, ``DESC`` of the tables the gold query reads), then runs the gold
+query and submits, as InterCode's own demos read the schema (exemplars that ran the gold straight
+away led SmolLM2 and Qwen2.5-Coder to query tables and columns they had never looked at).
+
 ALFWorld exemplars are per task type (the original uses two of the task's own type); the planner
 prompt picks ``examples[task_type]``. InterCode-Bash has no training split: few-shot methods are
-refused there rather than showing evaluated tasks.
+refused there rather than showing evaluated tasks. InterCode-SQL exemplars are golds on one table
+without ``LIMIT`` (``example_ok``): MariaDB breaks ``ORDER BY ... LIMIT`` ties per connection (train
+task 0 gave four different ids on six connections), so such an exemplar's text, and with it the
+prompt, changed from run to run; a join's exemplar was too long for the small models.
 """
 from __future__ import annotations
 
@@ -29,12 +38,16 @@ def _split(env: str) -> str:
 
 
 def _pick(env: str, n: int):
-    """``n`` training tasks (per task type where the benchmark groups them), first in split order."""
+    """``n`` training tasks (per task type where the benchmark groups them), first in split order
+    among those the benchmark's ``example_ok`` accepts."""
     e = envs.make(env, _split(env))
     try:
         ts = list(e.tasks)
     finally:
         e.close()
+    ok = benchmarks.get(env).example_ok
+    if ok is not None:
+        ts = [t for t in ts if ok(t)]
     if not benchmarks.get(env).examples_per_type:
         return {None: ts[:n]}
     by_type: dict = {}
@@ -42,11 +55,6 @@ def _pick(env: str, n: int):
         if len(by_type.setdefault(t.data["task_type"], [])) < n:
             by_type[t.data["task_type"]].append(t)
     return by_type
-
-
-def example_task_indices(env: str, n: int) -> set[int]:
-    """Indices (in the exemplar split) of the tasks that ``n`` exemplars are drawn from."""
-    return {t.index for ts in _pick(env, n).values() for t in ts}
 
 
 def example_task_indices(env: str, n: int) -> set[int]:

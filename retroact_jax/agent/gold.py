@@ -6,7 +6,8 @@ is the gold's), the few-shot exemplars of fewshot.py (gold and failed trajectori
 exact inference format by running them through the real env and loop), and tests.
 
 Each benchmark's script lives in its module (``retroact_jax/benchmarks/``): HotpotQA searches the
-supporting-fact titles then answers; InterCode executes the gold command then submits; ALFWorld
+supporting-fact titles then answers; InterCode-SQL lists the tables, DESCs the ones the gold query
+reads, runs the gold and submits; InterCode-Bash executes the gold command then submits; ALFWorld
 states the goal in a ``think:`` then plays the walkthrough. The scripts read the step number from
 the prompt, so they are pure functions of (task, prompt).
 """

@@ -36,6 +36,7 @@ class Benchmark:
     passes_evaluator: Callable[[Mapping], bool]  # a trial record the benchmark counts as solved
     example_text: Callable[[str, str], str]  # (prompt head, rest of the trial) -> exemplar text
     examples_per_type: bool = False          # exemplars grouped by ``task.data["task_type"]``
+    example_ok: Callable[[Any], bool] | None = None  # (task) -> may be an exemplar (None: every task)
     reflect_instruction: Callable[[Any], str] | None = None  # (protocol) -> the reflector's
     expert_tasks: int = 100                  # expert tasks by default (a seeded subset; 0 = all)
     min_new_tokens: int = 1                  # no stop in a completion's first n tokens (WORKSPACE.md)

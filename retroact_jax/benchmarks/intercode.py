@@ -1,4 +1,6 @@
-"""What InterCode-SQL and InterCode-Bash share: the gold script shape, the evaluator, exemplars."""
+"""What InterCode-SQL and InterCode-Bash share: the evaluator, the exemplar text, and the plain gold
+script (execute the gold command, then submit) that Bash uses; SQL passes its own script, which
+looks at the database first (intercode_sql.py)."""
 from __future__ import annotations
 
 from retroact_jax.benchmarks.hotpotqa import cue
@@ -38,12 +40,14 @@ def reflect_instruction(protocol) -> str:
 
 
 def benchmark(name: str, label: str, lang: str, listing: str, eval_tasks: int, train_split: str,
-              released_il: str):
-    """An InterCode benchmark: the shared scripts with its language's gold and listing command."""
+              released_il: str, planner=None, reflection=None, example_ok=None):
+    """An InterCode benchmark: the plain gold script with its language's gold and listing command,
+    unless ``planner`` / ``reflection`` (the benchmark's own scripts) replace it; ``example_ok``
+    filters the train tasks exemplars may come from."""
     from retroact_jax.benchmarks import Benchmark
     return Benchmark(
         name=name, label=label, metrics=("reward", "success_rate"), eval_split="test",
         eval_tasks=eval_tasks, train_split=train_split, example_split=train_split,
-        env_backend="threads", released_il=released_il, gold_planner=gold_planner(lang, listing),
-        gold_reflection=gold_reflection, passes_evaluator=passes_evaluator,
-        example_text=example_text, reflect_instruction=reflect_instruction)
+        env_backend="threads", released_il=released_il, gold_planner=planner or gold_planner(lang, listing),
+        gold_reflection=reflection or gold_reflection, passes_evaluator=passes_evaluator,
+        example_text=example_text, reflect_instruction=reflect_instruction, example_ok=example_ok)

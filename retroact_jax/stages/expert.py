@@ -6,12 +6,14 @@ and model-free) is the gold script of ``agent.gold`` instead; ``expert=<model so
 few-shot LLM expert of ``model_expert.py`` (HotpotQA). The gold script differs from the paper's
 expert in two ways: it retrieves with privileged knowledge (it searches the supporting-fact
 titles), and its reflections are fixed templates naming the gold plan, not a model's diagnosis.
-Gold (HotpotQA: search the supporting-fact titles, then answer;
-ALFWorld: state the goal, then play the game's walkthrough; InterCode-SQL: execute the gold query,
-then submit). To give the reflector something to imitate, a seeded fraction of the tasks
-(``reflect_fraction``) fails its first trial on purpose (``gold_planner(fail=True)``); the loop then
-asks the reflector, whose script writes ``gold_reflection`` (the failure named, the gold plan
-given), and the second trial, which sees that reflection in its prompt, plays the gold.
+Gold (HotpotQA: search the supporting-fact titles, then answer; ALFWorld: state the goal, then play
+the game's walkthrough; InterCode-SQL: SHOW TABLES, DESC the tables the gold query reads (at most
+2), execute the gold query, then submit: the expert reads the schema as RetroAct's released
+InterCode rows do, 91% of which run SHOW TABLES / DESC, and as the few-shot exemplars do). To give
+the reflector something to imitate, a seeded fraction of the tasks (``reflect_fraction``) fails
+its first trial on purpose (``gold_planner(fail=True)``); the loop then asks the reflector, whose
+script writes ``gold_reflection`` (the failure named, the gold plan given), and the second trial,
+which sees that reflection in its prompt, plays the gold.
 
 Everything goes through ``agent.rollout.evaluate``, so the rollouts are the agent's exact inference
 format (zero-shot prompts, cues, memory), they are cached as ``<dir>/<env>/trajectories.jsonl`` and
