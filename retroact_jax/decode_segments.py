@@ -149,11 +149,18 @@ def generate_segments(sampler: "sampling.Sampler", state, key=None, max_new_toke
                                       logp_BxN=logp[:rows])
 
 
-def extend_plan(lengths, batch: int, batch_buckets, chunk_buckets) -> list[tuple[list[int] | None, int]]:
+MIN_SAVED_TOKENS = 2048   # a sub-batch must save this many token computations (~6 s on 2 cores):
+                          # below it, its extra compiled shapes and row gathers cost more than it saves
+
+
+def extend_plan(lengths, batch: int, batch_buckets, chunk_buckets,
+                min_saved: int | None = None) -> list[tuple[list[int] | None, int]]:
     """Calls that extend rows with ``lengths`` new tokens: [(rows of a sub-batch, or None for the
     whole batch, chunk length)], longest first. The group needing the largest chunk goes into a
     sub-batch when that (plus the rest at its own chunk) computes at most half the tokens of one
-    whole-batch call; otherwise every remaining row goes into one whole-batch call."""
+    whole-batch call and saves at least ``min_saved`` (default ``MIN_SAVED_TOKENS``) of them;
+    otherwise every remaining row goes into one whole-batch call."""
+    min_saved = MIN_SAVED_TOKENS if min_saved is None else int(min_saved)
     lengths = np.asarray(lengths, np.int64)
     chunk = lambda n: sampling.bucket(int(n), chunk_buckets, "token chunk length")   # noqa: E731
     left = [i for i in np.argsort(-lengths, kind="stable") if lengths[i] > 0]
@@ -164,12 +171,20 @@ def extend_plan(lengths, batch: int, batch_buckets, chunk_buckets) -> list[tuple
         rest = left[len(group):]
         small = sampling.bucket(len(group), batch_buckets, "batch size")
         split = small * top + (batch * chunk(lengths[rest[0]]) if rest else 0)
-        if small >= batch or 2 * split > batch * top:
+        if small >= batch or 2 * split > batch * top or batch * top - split < min_saved:
             plan.append((None, top))
             break
         plan.append((sorted(int(i) for i in group), top))
         left = rest
     return plan
+
+
+def extend_advance(sampler: "sampling.Sampler", batch: int, lengths) -> int:
+    """Slots the shared write cursor moves when ``Sampler.extend`` adds ``lengths`` tokens to a
+    ``batch``-row cache: the sum of the plan's chunks (what ``LMPolicy`` reserves before a call)."""
+    if not any(lengths):
+        return 0
+    return sum(c for _, c in extend_plan(lengths, batch, sampler.batch_buckets, sampler.chunk_buckets))
 
 
 def _sharded(cache: KVCache) -> bool:

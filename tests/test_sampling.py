@@ -1,5 +1,7 @@
 """The compiled sampler: greedy == naive argmax loop and == transformers' generate, extend == full
 prefill, log-probs == the scoring pass, top-p, stop masks, budgets, cache growth, no recompiles."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -397,8 +399,9 @@ def test_segmented_decode_with_shrinking_batch_equals_one_call(model):
 
 
 def test_extend_plan_peels_the_few_long_additions():
-    from retroact_jax.decode_segments import extend_plan
+    from retroact_jax import decode_segments
     bb, cb = (1, 2, 4, 8), (16, 64, 256, 1024)
+    extend_plan = functools.partial(decode_segments.extend_plan, min_saved=0)
     # one long addition among short ones: 1 x 1024 + 8 x 16 tokens instead of 8 x 1024
     assert extend_plan([5, 300, 5, 5, 0, 5, 5, 5], 8, bb, cb) == [([1], 1024), (None, 16)]
     # two levels: the 1024 row, then the two 256 rows, then the rest
@@ -406,13 +409,18 @@ def test_extend_plan_peels_the_few_long_additions():
     assert extend_plan([300] * 5 + [5] * 3, 8, bb, cb) == [(None, 1024)]     # most rows are long
     assert extend_plan([20, 30, 40, 50], 4, bb, cb) == [(None, 64)]          # one chunk for all
     assert extend_plan([0, 0, 300, 0], 4, bb, cb) == [([2], 1024)]          # only it adds tokens
+    # the default floor: a sub-batch must save MIN_SAVED_TOKENS (2048) token computations
+    assert decode_segments.extend_plan([5, 300, 5, 5], 4, bb, cb) == [([1], 1024), (None, 16)]   # saves 3008
+    assert decode_segments.extend_plan([5, 100, 5, 5], 4, bb, cb) == [(None, 256)]             # would save 704
 
 
-def test_grouped_extension_equals_one_call(model):
+def test_grouped_extension_equals_one_call(model, monkeypatch):
     """Sampler.extend with a few long additions (a new prompt among observations): the long rows
     go through a sub-batch first; every row's next-token logits and greedy continuation equal one
     whole-batch call's (the padding differs, the per-row math does not)."""
+    from retroact_jax import decode_segments
     from retroact_jax.decode_segments import extend_plan
+    monkeypatch.setattr(decode_segments, "MIN_SAVED_TOKENS", 0)        # the tiny model's tiny chunks
     sampler = sampling.Sampler(model, eos_ids=(), chunk_buckets=(8, 32, 128), length_buckets=(256, 512),
                                batch_buckets=(1, 2, 4, 8))
     prompts = [[5 + i, 6, 7 + 2 * i, 9] for i in range(8)]

@@ -41,6 +41,7 @@ import numpy as np
 from retroact_jax import sampling
 from retroact_jax.agent.policy import Completion, Request, cut_at_stop
 from retroact_jax.agent.spans import render
+from retroact_jax.decode_segments import extend_advance
 
 
 @dataclasses.dataclass
@@ -204,8 +205,8 @@ class LMPolicy:
             self.stats["reused_tokens"] += keep
         live = [r.slots if r.key is not None else [] for r in self.rows]
         most = max(map(len, live))
-        longest = max(map(len, todo.values()))
-        chunk = sampling.bucket(longest, self.sampler.chunk_buckets, "token chunk length") if longest else 0
+        lengths = [len(todo.get(i, [])) for i in range(self.state.num_rows)]
+        chunk = extend_advance(self.sampler, self.state.cache.batch, lengths)   # the cursor's move
         end, length = int(self.state.cache.end), self.state.cache.length
         room = most + chunk + max_new
         shrinks = sampling.bucket(max(room, 1), self.sampler.length_buckets, "KV cache length") < length
