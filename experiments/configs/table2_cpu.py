@@ -39,7 +39,9 @@ smoke run of this config (react + sft, 2 test tasks, K 2, 6 IL steps) took 9 min
 2.6 GB: react eval 115 s (34 s compiling), IL planner 332 s (expert on 733 questions, 160 s
 compiling, ~17 s per 500-token step), sft eval 95 s. RUN.md of the real run records every stage.
 If the first stages run slower than the estimate, cut (in this order) rl.collect.tasks_per_iteration,
-rl.train.iterations, il.train.max_steps; never the test tasks or K below 5.
+rl.train.iterations, il.train.max_steps; never the test tasks or K below 5. Done once (2026-12-07):
+the measured HotpotQA walls (ReAct eval 78 min on one core before the grouped extension) cut
+rl.collect.tasks_per_iteration from 32 to 16 (and its batch: 32 rows held 12.3 GB RSS).
 """
 from experiments.configs.common import base
 
@@ -90,9 +92,10 @@ def get_config():
     c.rl.train.buckets = "512,1024,1536" # padded row lengths
     c.rl.train.log_every = 1             # every update's ratio / clip / KL metrics
     c.rl.train.checkpoint_every = 50     # plus the end of every iteration
-    c.rl.collect.tasks_per_iteration = 32   # train tasks rolled out per iteration (all in flight)
+    c.rl.collect.tasks_per_iteration = 16   # train tasks rolled out per iteration (all in flight); cut
+                                         #   from 32 for the budget (measured HotpotQA stage walls, RUN.md)
     c.rl.collect.trials = 3              # trials per task with a reflector (retroact); 1 without
-    c.rl.collect.batch_size = 32         # tasks in flight
+    c.rl.collect.batch_size = 16         # tasks in flight (32 rows held 12.3 GB RSS: 4096-slot caches)
     c.rl.collect.cache_buckets = c.eval.cache_buckets   # the eval's shapes: compiles shared
     c.rl.collect.chunk_buckets = c.eval.chunk_buckets
     c.rl.replay.max_tokens = 1536        # rows longer than the largest train bucket are dropped
