@@ -179,11 +179,15 @@ def extend_plan(lengths, batch: int, batch_buckets, chunk_buckets,
     return plan
 
 
-def extend_advance(sampler: "sampling.Sampler", batch: int, lengths) -> int:
-    """Slots the shared write cursor moves when ``Sampler.extend`` adds ``lengths`` tokens to a
-    ``batch``-row cache: the sum of the plan's chunks (what ``LMPolicy`` reserves before a call)."""
+def extend_advance(sampler: "sampling.Sampler", batch: int, lengths, grouped: bool = True) -> int:
+    """Slots the shared write cursor moves when ``Sampler.extend(..., grouped)`` adds ``lengths``
+    tokens to a ``batch``-row cache: the sum of the plan's chunks, or the longest addition's chunk
+    for one whole-batch call (what ``LMPolicy`` reserves before a call: a grouped extension can
+    need more slots than one call, which matters near the largest cache bucket)."""
     if not any(lengths):
         return 0
+    if not grouped:
+        return sampling.bucket(max(lengths), sampler.chunk_buckets, "token chunk length")
     return sum(c for _, c in extend_plan(lengths, batch, sampler.batch_buckets, sampler.chunk_buckets))
 
 
@@ -191,11 +195,12 @@ def _sharded(cache: KVCache) -> bool:
     return len(getattr(cache.k[0].sharding, "device_set", ())) > 1
 
 
-def extend_groups(sampler: "sampling.Sampler", state, new_tokens):
-    """``Sampler.extend``: the calls of ``extend_plan`` (one whole-batch call on a sharded cache)."""
+def extend_groups(sampler: "sampling.Sampler", state, new_tokens, grouped: bool = True):
+    """``Sampler.extend``: the calls of ``extend_plan`` (one whole-batch call on a sharded cache or
+    when not ``grouped``)."""
     b = state.cache.batch
     lens = [len(r) for r in new_tokens]
-    plan = ([(None, 0)] if _sharded(state.cache) else
+    plan = ([(None, 0)] if _sharded(state.cache) or not grouped else
             extend_plan(lens, b, sampler.batch_buckets, sampler.chunk_buckets))
     done = set()
     for rows, _ in plan:

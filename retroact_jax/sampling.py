@@ -339,7 +339,8 @@ class Sampler:
                                     tokens, valid)
         return state.replace(cache=cache, last_logits_BxV=logits)
 
-    def extend(self, state: SamplerState, new_tokens: Sequence[Sequence[int]]) -> SamplerState:
+    def extend(self, state: SamplerState, new_tokens: Sequence[Sequence[int]],
+               grouped: bool = True) -> SamplerState:
         """Append ``new_tokens[i]`` (may be empty) to row i's cache without re-prefilling (a few long
         additions in a smaller batch first: ``decode_segments.extend_groups``)."""
         if len(new_tokens) != state.num_rows:
@@ -348,7 +349,7 @@ class Sampler:
         if all(len(r) == 0 for r in new_tokens):
             return state
         from retroact_jax.decode_segments import extend_groups     # long additions in a sub-batch
-        return extend_groups(self, state, new_tokens)
+        return extend_groups(self, state, new_tokens, grouped)
 
     def compact(self, state: SamplerState, keep: Sequence[Sequence[int]], reserve: int = 0) -> SamplerState:
         """Drop the holes: row i keeps slots ``keep[i]`` (in order) at 0..len-1 (decode_segments)."""

@@ -72,6 +72,60 @@ def test_incremental_cache_equals_reprefill(sampler_tok):
     assert inc.stats["rolled_back"] > 0
 
 
+def test_a_new_episode_reuses_a_released_rows_shared_prefix(sampler_tok):
+    """Episodes whose prompts start with the same instructions / exemplars: a new episode takes the
+    released row sharing the longest prefix and computes only the rest; its completions equal a full
+    re-prefill's, and the other rows are untouched."""
+    sampler, tok = sampler_tok
+    shared = "Solve the task. Example: Thought: look\nAction: go\n\n"
+    inc, ref = LMPolicy(sampler, tok), LMPolicy(sampler, tok, incremental=False)
+    ctx = {"a": [Span("prompt", shared + "Question: red?")], "b": [Span("prompt", "Other: blue?")]}
+    for k in ("a", "b"):
+        out = inc.generate([Request(k, ctx[k])], ["\n"], 6, 0.0)[0]
+        ctx[k].append(Span("generated", out.text, out.token_ids, out.logprobs))
+    row_a = next(i for i, r in enumerate(inc.rows) if r.key == "a")
+    inc.release(["a", "b"])
+    before = dict(inc.stats)
+    ctx["c"] = [Span("prompt", shared + "Question: green?")]
+    reqs = [Request("c", ctx["c"])]
+    a, b = inc.generate(reqs, ["\n"], 8, 0.0)[0], ref.generate(reqs, ["\n"], 8, 0.0)[0]
+    assert (a.text, a.token_ids) == (b.text, b.token_ids)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-4)
+    assert next(i for i, r in enumerate(inc.rows) if r.key == "c") == row_a     # the row with the prefix
+    prefix = len(tok.encode(shared + "Question: "))
+    assert inc.stats["reused_tokens"] - before["reused_tokens"] >= prefix
+    assert inc.stats["prefill_tokens"] - before["prefill_tokens"] <= len(tok.encode(ctx["c"][0].text)) - prefix + 1
+
+
+def test_near_the_largest_cache_bucket_a_grouped_extension_falls_back_to_one_call(sampler_tok, monkeypatch):
+    """A grouped extension moves the shared cursor by the sum of its chunks (here 512 + 32), one
+    whole-batch call by the longest's (512): when only the latter fits the largest cache bucket
+    (2048) the policy makes one call instead of failing (the Table 2 Reflexion eval stopped on
+    "KV cache length = 4346 exceeds the largest bucket 4096")."""
+    from retroact_jax import decode_segments
+    monkeypatch.setattr(decode_segments, "MIN_SAVED_TOKENS", 0)
+    base, tok = sampler_tok
+    sampler = sampling.Sampler(graphdef=base.graphdef, params=base.params, pad_id=0, eos_ids=(),
+                               batch_buckets=(1, 2, 4, 8), chunk_buckets=(32, 128, 512, 1536),
+                               length_buckets=(256, 512, 1024, 2048), new_token_buckets=(16,))
+    inc, ref = LMPolicy(sampler, tok), LMPolicy(sampler, tok, incremental=False)
+    ctx = {"a": [Span("prompt", "x" * 1500)], "b": [Span("prompt", "Q: ")], "c": [Span("prompt", "R: ")],
+           "d": [Span("prompt", "S: ")]}
+    for step, more in enumerate(({}, {"a": "y" * 20, "b": "z" * 400, "c": "w" * 9, "d": "v" * 9})):
+        for k in ctx:
+            if more.get(k):
+                ctx[k].append(Span("observation", more[k]))
+        reqs = [Request(k, list(ctx[k])) for k in ctx]
+        a, b = inc.generate(reqs, ["\n"], 4 if step == 0 else 16, 0.0), ref.generate(reqs, ["\n"], 4 if step == 0 else 16, 0.0)
+        for k, x, y in zip(ctx, a, b):
+            assert (x.text, x.token_ids) == (y.text, y.token_ids)
+            ctx[k].append(Span("generated", x.text, x.token_ids, x.logprobs))
+    lengths = [21, 401, 10, 10]
+    assert decode_segments.extend_advance(sampler, 4, lengths) == 544          # would not fit
+    assert decode_segments.extend_advance(sampler, 4, lengths, grouped=False) == 512
+    assert inc.state.cache.length == 2048
+
+
 def test_multi_token_stop_string_cuts_completion(sampler_tok):
     sampler, tok = sampler_tok
     pol = LMPolicy(sampler, tok)

@@ -64,10 +64,12 @@ def get_config():
     c.eval.env_workers = 4               # threads / processes stepping the envs
     c.eval.num_examples = 2              # few-shot exemplars of ReAct / Reflexion
     c.eval.cache_buckets = "1024,2048,4096"     # few KV-cache lengths: few compiles
-    c.eval.chunk_buckets = "16,64,256,1024,2048,4096"  # prefill / extension chunk lengths: a prompt must
+    c.eval.chunk_buckets = "16,64,256,512,1024,2048,4096"  # prefill / extension chunk lengths: a prompt must
                                          #   fit one chunk (Reflexion's reflector prompt: exemplars ~500 +
                                          #   a HotpotQA scratchpad up to 1600 tokens; a 4096 chunk at 16
-                                         #   rows holds ~10 GB of attention scores: rare, but watch RSS)
+                                         #   rows holds ~10 GB of attention scores: rare, but watch RSS;
+                                         #   512: what a new episode adds past the few-shot prefix its
+                                         #   row already holds, a reflection prompt's scratchpad)
     # --- IL: every method's start; LoRA r 8 q/v, rows over 1536 tokens dropped (a truncated row loses
     # its end: the answer, the submit, the reflection), loss on what the agent writes (observations
     # masked: the quickstart's finding), lr 1e-3 (LoRA; the quickstart's), capped steps for the budget

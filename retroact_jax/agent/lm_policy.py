@@ -11,7 +11,10 @@ and scoring tokenise the same text, batching.tokenize_sample) and compared with 
   output), replaced (InterCode's action fallback), or when the sampled ids are not the canonical
   tokenisation of their text or merge with the next span's text ("\\n" + "\\n" -> "\\n\\n").
   At least the last token is always re-fed so the row's next-token logits are fresh.
-- rows are reused when episodes end (``release``). All rows write at one shared cursor, so every
+- rows are reused when episodes end (``release``): a new episode takes the free row sharing the
+  longest prefix with its context and keeps that prefix (the instructions and few-shot exemplars
+  every episode's prompt starts with are computed once per row, not once per episode). All rows
+  write at one shared cursor, so every
   call leaves holes (chunk padding, rows that stopped decoding early, rollbacks, finished
   episodes); before a call that would grow the cache, or whose live rows fit a smaller length
   bucket, the holes are dropped by a gather (``Sampler.compact``): the cache stays near the
@@ -105,7 +108,7 @@ class LMPolicy:
                                              min_new_tokens=self.min_new_tokens)
             self.stats["prefill_tokens"] += sum(map(len, ids))
             return [self._completion(out, i, stop) for i in range(len(requests))]
-        rows = self._assign([r.key for r in requests])
+        rows = self._assign([r.key for r in requests], ids)
         self._sync(rows, ids, int(max_new_tokens))
         budgets = np.zeros((self.state.num_rows,), np.int64)
         budgets[rows] = max_new_tokens
@@ -156,34 +159,26 @@ class LMPolicy:
             toks, logp, text = toks[:k], logp[:k], self.tok.decode(toks[:k])
         return Completion(text=text, token_ids=toks, logprobs=logp, finish="stop" if hit else "length")
 
-    def _assign(self, keys: Sequence[Hashable]) -> list[int]:
+    def _assign(self, keys: Sequence[Hashable], ids: Sequence[Sequence[int]]) -> list[int]:
+        """Each request's row: its own, else the free row whose held ids share the longest prefix
+        with the request's (a released episode's few-shot prompt serves the next one: ``_sync``
+        keeps that prefix and extends the rest), else a new row."""
         where = {r.key: i for i, r in enumerate(self.rows) if r.key is not None}
         free = [i for i, r in enumerate(self.rows) if r.key is None]
         out = []
-        for k in keys:
+        for k, x in zip(keys, ids):
             if k in where:
                 out.append(where[k])
                 continue
             if not free:
                 self._rebuild(extra=max(1, len(keys) - len(out)))
                 free = [i for i, r in enumerate(self.rows) if r.key is None]
-            i = free.pop(0)
-            self._rollback(i, 0)
+            i = max(free, key=lambda j: _lcp(self.rows[j].ids, x))     # first of the longest
+            free.remove(i)
             self.rows[i].key = k
             where[k] = i
             out.append(i)
         return out
-
-    def _rollback(self, row: int, keep: int) -> None:
-        r = self.rows[row]
-        drop = r.slots[keep:]
-        if drop:
-            valid = np.array(self.state.cache.valid_BxS)
-            valid[row, drop] = False
-            cache = self.state.cache.replace(valid_BxS=jnp.asarray(valid))
-            self.state = self.state.replace(cache=cache)
-            self.stats["rolled_back"] += len(drop)
-        del r.ids[keep:], r.slots[keep:]
 
     def _new_slots(self, before: np.ndarray) -> list[list[int]]:
         after = np.asarray(self.state.cache.valid_BxS)
@@ -206,7 +201,11 @@ class LMPolicy:
         live = [r.slots if r.key is not None else [] for r in self.rows]
         most = max(map(len, live))
         lengths = [len(todo.get(i, [])) for i in range(self.state.num_rows)]
-        chunk = extend_advance(self.sampler, self.state.cache.batch, lengths)   # the cursor's move
+        grouped = True                    # long additions in a sub-batch first, if that fits the
+        chunk = extend_advance(self.sampler, self.state.cache.batch, lengths)   # largest cache bucket
+        if most + chunk + max_new > max(self.sampler.length_buckets):
+            grouped = False
+            chunk = extend_advance(self.sampler, self.state.cache.batch, lengths, grouped=False)
         end, length = int(self.state.cache.end), self.state.cache.length
         room = most + chunk + max_new
         shrinks = sampling.bucket(max(room, 1), self.sampler.length_buckets, "KV cache length") < length
@@ -225,7 +224,7 @@ class LMPolicy:
         new = [todo.get(i, []) for i in range(self.state.num_rows)]
         if any(new):
             before = np.asarray(self.state.cache.valid_BxS)
-            self.state = self.sampler.extend(self.state, new)
+            self.state = self.sampler.extend(self.state, new, grouped=grouped)
             slots = self._new_slots(before)
             for i, x in enumerate(new):
                 if x:
