@@ -126,6 +126,28 @@ def test_near_the_largest_cache_bucket_a_grouped_extension_falls_back_to_one_cal
     assert inc.state.cache.length == 2048
 
 
+def test_new_weights_invalidate_every_cached_row(sampler_tok):
+    """After ``Sampler.set_params`` (an RL update) no row's keys / values are reused, live or
+    released: the next completions equal a fresh policy's under the new weights."""
+    import jax
+    base, tok = sampler_tok
+    sampler = sampling.Sampler(graphdef=base.graphdef, params=base.params, pad_id=0, eos_ids=(),
+                               batch_buckets=(4, 8), chunk_buckets=(32, 128, 512),
+                               length_buckets=(256, 512, 1024, 2048), new_token_buckets=(16,))
+    pol = LMPolicy(sampler, tok)
+    ctx = {k: [Span("prompt", f"Question {k}: what is {k}?")] for k in ("a", "b")}
+    first = pol.generate([Request(k, ctx[k]) for k in ctx], ["\n"], 8, 0.0)
+    pol.release(["b"])                                           # a stays live, b's row is free
+    sampler.set_params(jax.tree.map(lambda x: x * 1.5, base.params))
+    reqs = [Request("a", ctx["a"] + [Span("generated", first[0].text, first[0].token_ids)]),
+            Request("c", ctx["b"])]                              # c: b's prompt, b's row
+    got = pol.generate(reqs, ["\n"], 8, 0.0)
+    want = LMPolicy(sampler, tok, incremental=False).generate(reqs, ["\n"], 8, 0.0)
+    for x, y in zip(got, want):
+        assert (x.text, x.token_ids) == (y.text, y.token_ids)
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=2e-4)
+
+
 def test_multi_token_stop_string_cuts_completion(sampler_tok):
     sampler, tok = sampler_tok
     pol = LMPolicy(sampler, tok)
