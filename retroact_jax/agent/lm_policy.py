@@ -75,7 +75,7 @@ class LMPolicy:
         self.top_p = float(top_p)
         self.state: sampling.SamplerState | None = None
         self.rows: list[_Row] = []
-        self._params = sampler.params    # the weights the cache rows were computed with
+        self._params = getattr(sampler, "params", None)   # the weights the cache rows were computed with
         self._stop_masks: dict[tuple[str, ...], tuple[np.ndarray, list]] = {}
         self.stats = {"calls": 0, "prefill_tokens": 0, "reused_tokens": 0, "rolled_back": 0,
                       "compactions": 0, "new_tokens": 0}
@@ -110,8 +110,9 @@ class LMPolicy:
                                              min_new_tokens=self.min_new_tokens)
             self.stats["prefill_tokens"] += sum(map(len, ids))
             return [self._completion(out, i, stop) for i in range(len(requests))]
-        if self.sampler.params is not self._params:     # new weights (set_params): no row is valid
-            self.state, self.rows, self._params = None, [], self.sampler.params
+        params = getattr(self.sampler, "params", None)
+        if params is not self._params:            # new weights (set_params): no row is valid
+            self.state, self.rows, self._params = None, [], params
         rows = self._assign([r.key for r in requests], ids)
         self._sync(rows, ids, int(max_new_tokens))
         budgets = np.zeros((self.state.num_rows,), np.int64)
