@@ -46,14 +46,8 @@ def main() -> None:
     prompts = [ids(a.held) for _ in range(a.rows)]
     new = [ids(a.long)] + [ids(a.short) for _ in range(a.rows - 1)]
 
-    def one_call(state):
-        tokens, valid = sampler._chunk(new, state.cache.batch)
-        state = sampler._fit(state, int(state.cache.end) + tokens.shape[1])
-        cache, logits = sampling._extend_jit(sampler.graphdef, sampler.params, state.cache,
-                                             state.last_logits_BxV, tokens, valid)
-        return state.replace(cache=cache, last_logits_BxV=logits)
-
-    sides = {"one_call": one_call, "grouped": lambda s: sampler.extend(s, new)}
+    sides = {"one_call": lambda s: sampler.extend(s, new, grouped=False),
+             "grouped": lambda s: sampler.extend(s, new)}
     times = {k: [] for k in sides}
     logits = {}
     for rep in range(a.reps + 1):

@@ -196,12 +196,14 @@ def _sharded(cache: KVCache) -> bool:
 
 
 def extend_groups(sampler: "sampling.Sampler", state, new_tokens, grouped: bool = True):
-    """``Sampler.extend``: the calls of ``extend_plan`` (one whole-batch call on a sharded cache or
-    when not ``grouped``)."""
+    """``Sampler.extend``: the calls of ``extend_plan`` (one whole-batch call on a sharded cache,
+    when not ``grouped``, or when the plan's slots would not fit the largest cache bucket)."""
     b = state.cache.batch
     lens = [len(r) for r in new_tokens]
     plan = ([(None, 0)] if _sharded(state.cache) or not grouped else
             extend_plan(lens, b, sampler.batch_buckets, sampler.chunk_buckets))
+    if int(state.cache.end) + sum(c for _, c in plan) > max(sampler.length_buckets):
+        plan = [(None, 0)]        # the groups' extra slots would overflow the largest cache: one call
     done = set()
     for rows, _ in plan:
         if rows is None:

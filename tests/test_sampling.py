@@ -429,14 +429,8 @@ def test_grouped_extension_equals_one_call(model, monkeypatch):
     new[6] = []                                                         # one row adds nothing
     assert extend_plan(list(map(len, new)), 8, sampler.batch_buckets, sampler.chunk_buckets)[0] == ([3], 128)
 
-    def one_call(state):
-        tokens, valid = sampler._chunk(new, state.cache.batch)
-        cache, logits = sampling._extend_jit(sampler.graphdef, sampler.params, state.cache,
-                                             state.last_logits_BxV, tokens, valid)
-        return state.replace(cache=cache, last_logits_BxV=logits)
-
     outs = []
-    for extend in (one_call, lambda s: sampler.extend(s, new)):
+    for extend in (lambda s: sampler.extend(s, new, grouped=False), lambda s: sampler.extend(s, new)):
         before = dict(sampling.TRACE_COUNTS)
         state = extend(sampler.start(prompts))
         state, out = sampler.generate(state, max_new_tokens=6)
@@ -447,3 +441,27 @@ def test_grouped_extension_equals_one_call(model, monkeypatch):
     np.testing.assert_allclose(o1.logp_BxN, o0.logp_BxN, atol=1e-5)
     np.testing.assert_allclose(l1, l0, atol=1e-5)
     assert traced["take_rows"] >= 1 and traced["put_rows"] >= 1      # the sub-batch path ran (first trace)
+
+
+def test_a_grouped_extension_that_would_overflow_the_largest_cache_is_one_call(model, monkeypatch):
+    """Near the largest cache bucket (512) the groups' extra slots (128 + 32 from 360) do not fit
+    while one call's (128) do: ``Sampler.extend`` makes one call, with one call's results."""
+    from retroact_jax import decode_segments
+    monkeypatch.setattr(decode_segments, "MIN_SAVED_TOKENS", 0)
+    sampler = sampling.Sampler(model, eos_ids=(), chunk_buckets=(8, 32, 128), length_buckets=(256, 512),
+                               batch_buckets=(1, 2, 4, 8))
+    prompts = [[5 + i, 6, 7 + 2 * i, 9] for i in range(8)]
+    new = [[30 + i] * 20 for i in range(8)]
+    new[3] = list(range(100, 200))
+    assert sum(c for _, c in decode_segments.extend_plan(
+        list(map(len, new)), 8, sampler.batch_buckets, sampler.chunk_buckets)) == 160
+    outs = []
+    for grouped in (False, True):
+        state = sampler.start(prompts, reserve=500)                        # end 8, 512 slots
+        for n in (100, 100, 20, 20, 20):                                    # end 8 + 2 x 128 + 3 x 32 = 360
+            state = sampler.extend(state, [[11] * n] * 8)
+        assert int(state.cache.end) == 360
+        state = sampler.extend(state, new, grouped=grouped)
+        outs.append((np.asarray(state.last_logits_BxV), int(state.cache.end), state.cache.length))
+    assert outs[1][1:] == outs[0][1:] == (488, 512)
+    np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
