@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retroact_jax.models import attention as attn_lib
 from retroact_jax.models.decoder import KVCache, positions_after
 from retroact_jax.stops import (MAX_STOP_LEN, MAX_STOP_SEQS, StopError, stop_seq_array,  # noqa: F401
                                 stop_token_mask, stop_token_sequences)
@@ -103,7 +104,10 @@ def _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT):
     TRACE_COUNTS["extend"] += 1
     b, t = tokens_BxT.shape
     model = nnx.merge(graphdef, params)
-    sub = sub_chunk(b, model.cfg.num_heads, t, cache.length)
+    slots = cache.length                # scores per pass: [B, heads, sub, key block] (attention.py)
+    if model.cfg.attention != "dot_product":
+        slots = attn_lib.key_block(cache.length, model.cfg.attention_block)
+    sub = sub_chunk(b, model.cfg.num_heads, t, slots)
 
     def run(cache, last_BxV, tok_BxC, val_BxC):
         logits, cache = nnx.merge(graphdef, params)(tok_BxC, positions_after(cache, val_BxC), val_BxC,

@@ -193,3 +193,54 @@ def test_one_query_attention_paths_agree(b):
     p /= p.sum(-1, keepdims=True)
     ref = np.einsum("bkgs,bskh->bkgh", p, np.asarray(v)).reshape(b, 1, -1)
     np.testing.assert_allclose(np.asarray(a), ref, atol=1e-5)
+
+
+def _np_attention(q_BxTxKxGxH, k, v, mask_BxTxS):
+    """numpy reference: softmax over the visible keys of each query."""
+    s = np.einsum("btkgh,bskh->btkgs", q_BxTxKxGxH, k)
+    s = np.where(mask_BxTxS[:, :, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    b, t = q_BxTxKxGxH.shape[:2]
+    return np.einsum("btkgs,bskh->btkgh", p, v).reshape(b, t, -1)
+
+
+@pytest.mark.parametrize("b,t,s_len,end,block", [(1, 1, 64, 0, 16), (1, 1, 64, 37, 16), (3, 1, 64, 63, 16),
+                                                 (3, 1, 40, 20, 512), (2, 7, 64, 20, 16),
+                                                 (2, 16, 64, 48, 16), (1, 5, 48, 9, 32)])
+def test_cache_attention_reads_only_the_blocks_up_to_the_cursor(b, t, s_len, end, block):
+    """``attend_prefix`` (T > 1) and ``attend_one_prefix`` (a decode step) equal a softmax over the
+    visible keys (numpy), holes included, and never read a key block past the one holding the last
+    query's slot: NaN written there changes nothing."""
+    from retroact_jax.models import attention as att
+    rng = np.random.default_rng(b * 100 + t + end)
+    q = rng.standard_normal((b, t, 2, 3, 16)).astype(np.float32)
+    k = rng.standard_normal((b, s_len, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((b, s_len, 2, 16)).astype(np.float32)
+    valid = rng.random((b, s_len)) < 0.7
+    valid[:, end:end + t] = True                       # each query sees at least itself
+    valid[:, end + t:] = False
+    bk = att.key_block(s_len, block)
+    past = -(-(end + t) // bk) * bk
+    k[:, past:], v[:, past:] = np.nan, np.nan          # blocks past the cursor's: never read
+    qslot = jnp.arange(end, end + t, dtype=jnp.int32)
+    mask = att.Mask(qslot_T=qslot, kvalid_BxS=jnp.asarray(valid))
+    full = np.asarray(mask.full())
+    ref = _np_attention(q, np.nan_to_num(k), np.nan_to_num(v), full)
+    if t == 1:
+        out = jax.jit(att.attend_one_prefix, static_argnums=5)(q, k, v, qslot, mask.kvalid_BxS, block)
+    else:
+        out = jax.jit(att.attend_prefix, static_argnums=5)(q, k, v, qslot, mask.kvalid_BxS, block)
+    out = np.asarray(out)
+    assert out.shape == (b, t, 2 * 3 * 16) and np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    # the decoder's dispatch picks them for a cache (and not for dot_product)
+    got = att.attend_cached("default", jnp.asarray(q), jnp.asarray(np.nan_to_num(k)),
+                            jnp.asarray(np.nan_to_num(v)), mask, block=block)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5)
+
+
+def test_key_block_divides_the_cache_or_is_the_whole_cache():
+    from retroact_jax.models.attention import key_block
+    assert key_block(4096, 512) == 512 and key_block(4096, 256) == 256 and key_block(40, 512) == 40
+    assert key_block(1536, 512) == 512 and key_block(1000, 512) == 500 and key_block(1031, 512) == 1031

@@ -217,7 +217,10 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (zero, end, zero, zero))
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, end, zero, zero))
         q = q.reshape(b, t, nk, g, h) * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
-        o = attn_lib.attend(impl, q, k, v, mask, full_BxTxS, block)
+        if kv is None:
+            o = attn_lib.attend(impl, q, k, v, mask, full_BxTxS, block)
+        else:
+            o = attn_lib.attend_cached(impl, q, k, v, mask, full_BxTxS, block)
         return self.o_proj(o), (k, v)
 
 
@@ -302,7 +305,7 @@ class Decoder(nnx.Module):
         end = cache.end
         valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxT, (jnp.zeros((), jnp.int32), end))
         mask = Mask(qslot_T=end + jnp.arange(t, dtype=jnp.int32), kvalid_BxS=valid_BxS)
-        full = None if impl == "blockwise" and t > 1 else mask.full()
+        full = mask.full() if impl == "dot_product" else None   # attend_cached
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             x, (k, v) = layer(x, cos, sin, mask, full, (cache.k[i], cache.v[i]), end,
