@@ -104,10 +104,8 @@ def _extend(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_BxT):
     TRACE_COUNTS["extend"] += 1
     b, t = tokens_BxT.shape
     model = nnx.merge(graphdef, params)
-    slots = cache.length                # scores per pass: [B, heads, sub, key block] (attention.py)
-    if model.cfg.attention != "dot_product":
-        slots = attn_lib.key_block(cache.length, model.cfg.attention_block)
-    sub = sub_chunk(b, model.cfg.num_heads, t, slots)
+    cfg = model.cfg
+    sub = sub_chunk(b, cfg.num_heads, t, attn_lib.scored_slots(cfg.attention, cache.length, cfg.attention_block))
 
     def run(cache, last_BxV, tok_BxC, val_BxC):
         logits, cache = nnx.merge(graphdef, params)(tok_BxC, positions_after(cache, val_BxC), val_BxC,

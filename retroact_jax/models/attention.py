@@ -18,12 +18,13 @@ never sees another one. Scores and softmax are float32 in every form.
   any backend. Query rows that see no key (padding) give the mean of all values, as ``default``; no
   gradient flows through such rows (their cotangent is zero in any masked loss).
 
-One-query steps (decode) use ``attend_one`` in ``default`` and ``blockwise`` (the [B, K, G, S] scores
-of one query are small); ``dot_product`` uses XLA's form there (cuDNN is for prefill/training).
+One-query steps without a cache use ``attend_one`` in ``default`` and ``blockwise`` (the [B, K, G, S]
+scores of one query are small); ``dot_product`` uses XLA's form there (cuDNN is for prefill/training).
 
-Cache extensions (T > 1 new tokens written at ``[end, end + T)`` of an S-slot cache) go through
-``attend_cached``: in ``default`` and ``blockwise``, ``attend_prefix`` visits only the key blocks
-below ``end + T`` (a loop with a traced trip count, online softmax, forward only). The cache is
+With a cache (T new tokens written at ``[end, end + T)`` of an S-slot cache) the decoder calls
+``attend_cached``: in ``default`` and ``blockwise``, ``attend_prefix`` (T > 1) and
+``attend_one_prefix`` (decode) visit only the key blocks up to ``end + T`` (loops with a traced
+trip count, forward only); ``dot_product`` scores every slot as before. The cache is
 sized for the longest row plus the decode budget, so most of its slots are still empty during an
 extension: scoring them all made a 2,048-token prefill into a 4,096-slot cache run at half the rate
 of one into 2,048 slots (bench/cache_attention.py, bench/README.md).
@@ -134,6 +135,12 @@ def attend_cached(impl: str, q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, full
     if q_BxTxKxGxH.shape[1] == 1:
         return attend_one_prefix(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask.qslot_T, mask.kvalid_BxS)
     return attend_prefix(q_BxTxKxGxH, k_BxSxKxH, v_BxSxKxH, mask.qslot_T, mask.kvalid_BxS, block)
+
+
+def scored_slots(impl: str, s_len: int, block: int) -> int:
+    """Key slots one pass of ``attend_cached`` scores per query with T > 1 (what bounds its [B, heads,
+    T, .] float32 scores): a key block of ``attend_prefix``, or the whole cache for ``dot_product``."""
+    return s_len if impl == "dot_product" else key_block(s_len, block)
 
 
 def key_block(s_len: int, block: int) -> int:
