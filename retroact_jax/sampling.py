@@ -45,8 +45,8 @@ from flax import nnx
 
 from retroact_jax.models import attention as attn_lib
 from retroact_jax.models.decoder import KVCache, positions_after
-from retroact_jax.stops import (MAX_STOP_LEN, MAX_STOP_SEQS, StopError, stop_seq_array,  # noqa: F401
-                                stop_token_mask, stop_token_sequences)
+from retroact_jax.stops import (MAX_STOP_LEN, MAX_STOP_SEQS, StopError, seq_stopped,  # noqa: F401
+                                stop_seq_array, stop_token_mask, stop_token_sequences)
 
 TRACE_COUNTS: collections.Counter = collections.Counter()   # traced-function name -> traces
 
@@ -150,13 +150,6 @@ def _pick(logits_BxV, key, temperature, top_p, blocked_BxV):
     return jax.lax.cond(temperature > 0.0, stochastic, greedy, None)
 
 
-def _seq_stopped(recent_BxL, stop_SxL):
-    """[B] bool: the row's last L tokens end with one of the (right-aligned, -1 padded) sequences."""
-    used = stop_SxL >= 0
-    hit = jnp.all(~used[None] | (recent_BxL[:, None, :] == stop_SxL[None]), axis=-1)   # [B, S]
-    return jnp.any(hit & jnp.any(used, axis=-1)[None], axis=-1)
-
-
 def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B, stop_mask_V, stop_SxL,
             eos_E, temperature, top_p, recent_BxL=None, *, n_max: int, pad_id: int):
     """Up to ``n_max`` steps -> (cache, logits, tokens, logp, count, stopped_B (on a stop / eos, not
@@ -182,7 +175,7 @@ def _decode(graphdef, params, cache, last_logits_BxV, key, max_new_B, min_new_B,
         logp = jax.lax.dynamic_update_slice(logp, jnp.where(live, lp, 0.0)[:, None], (0, i))
         recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
         stopped = (stop_mask_V[tok] | jnp.any(tok[:, None] == eos_E[None, :], axis=-1)
-                   | (_seq_stopped(recent, stop_SxL) & ~early_B))
+                   | (seq_stopped(recent, stop_SxL) & ~early_B))
         new_logits, cache = model(tok[:, None], positions_after(cache, live[:, None]),
                                   live[:, None], cache=cache, last_only=True)
         logits = jnp.where(live[:, None], new_logits, logits)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 MAX_STOP_SEQS, MAX_STOP_LEN = 16, 8    # multi-token stop sequences: how many, how long
@@ -61,3 +62,11 @@ def stop_seq_array(stop_seqs) -> np.ndarray:
     for i, q in enumerate(seqs):
         arr[i, MAX_STOP_LEN - len(q):] = q
     return arr
+
+
+def seq_stopped(recent_BxL, stop_SxL):
+    """Traced, in the decode loop: [B] bool, the row's last L tokens end with one of the sequences of
+    ``stop_seq_array`` (right-aligned, -1 padded)."""
+    used = stop_SxL >= 0
+    hit = jnp.all(~used[None] | (recent_BxL[:, None, :] == stop_SxL[None]), axis=-1)   # [B, S]
+    return jnp.any(hit & jnp.any(used, axis=-1)[None], axis=-1)
