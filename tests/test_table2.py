@@ -185,3 +185,69 @@ def test_validation_eval_shares_the_run_dir_with_the_test_eval(table):
     # and back: the test split's finished eval is skipped, not replayed into the validation records
     pipeline.run(c)
     assert (run / "sft_rl" / "eval" / "results.json").read_text() == test_res
+
+
+@pytest.mark.slow
+def test_progress_carries_a_run_to_a_fresh_machine(table, tmp_path):
+    """save -> (the machine is lost) -> restore: the merged exports are rebuilt byte for byte from the
+    LoRA adapters, and the table's command skips every finished stage and eval."""
+    from retroact_jax.stages import progress
+    d, c, results = table
+    run = pathlib.Path(c.run_dir)
+    got = progress.save(run, tmp_path / "progress")
+    saved = [p.relative_to(tmp_path / "progress") for p in (tmp_path / "progress").rglob("*") if p.is_file()]
+    assert got["files"] == len(saved) - 1 and not got["skipped_over_max_mb"]
+    assert not any("hf" in p.parts for p in saved)
+    assert any(p.name == "adapter_model.safetensors" for p in saved)
+    kept = tmp_path / "lost_machine"
+    run.rename(kept)
+    try:
+        with pytest.raises(progress.StageError, match="saved from run_dir"):
+            progress.restore(tmp_path / "progress", tmp_path / "elsewhere")
+        back = progress.restore(tmp_path / "progress", run)
+        assert back["copied"] == got["files"] and len(back["rebuilt"]) >= 3   # sft_rl il + rl, single il + rl
+        hf = sorted(p.relative_to(kept) for p in kept.rglob("export/*/hf/*") if p.is_file())
+        assert hf and any(p.suffix == ".safetensors" for p in hf)
+        for p in hf:
+            assert (run / p).read_bytes() == (kept / p).read_bytes(), p
+        stages = (run / "stages.json").read_text()
+        c2 = tiny_table_config(d, "react,sft_rl,retroact_single")
+        c2.publish = str(tmp_path / "published")
+        pipeline.resolve(c2)
+        validate.validate(c2)
+        again = pipeline.run(c2)
+        assert (run / "stages.json").read_text() == stages            # nothing trained or evaluated again
+        assert [r["metrics"] for r in again] == [r["metrics"] for r in results]
+    finally:
+        import shutil
+        shutil.rmtree(run, ignore_errors=True)
+        kept.rename(run)
+
+
+@pytest.mark.slow
+def test_publish_keeps_the_published_rows_it_does_not_rebuild(table, tmp_path):
+    """Publishing one method of a run directory (or one that lost the others' evals) keeps the other
+    published rows, their adapters, RL curves and stage figures, in Table 2's order."""
+    import shutil
+    d, c, _ = table
+    pub = tmp_path / "published"
+    shutil.copytree(d / "published", pub)
+    before = json.loads((pub / "results.json").read_text())
+    c2 = tiny_table_config(d, "sft_rl")
+    c2.publish = str(pub)
+    pipeline.resolve(c2)
+    publish.publish(c2, [], command="x")
+    after = json.loads((pub / "results.json").read_text())
+    assert [m["method"] for m in after["methods"]] == ["ReAct", "SFT+RL", "RetroAct (single-agent)"]
+    for old, new in zip(before["methods"], after["methods"]):
+        assert new["tasks"] == old["tasks"] and new["metrics"] == old["metrics"]
+        assert new["commit"]
+    assert set(after["adapters"]) == {"sft_rl", "retroact_single"}
+    assert set(after["stages"]) >= set(before["stages"]) and "retroact_single/rl" in after["stages"]
+    assert "retroact_single/rl" in (pub / "RUN.md").read_text()
+    # a different env's table is never merged in
+    other = json.loads((pub / "results.json").read_text())
+    other["env"] = "alfworld"
+    (pub / "results.json").write_text(json.dumps(other))
+    publish.publish(c2, [], command="x")
+    assert [m["method"] for m in json.loads((pub / "results.json").read_text())["methods"]] == ["SFT+RL"]

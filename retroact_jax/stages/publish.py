@@ -185,9 +185,15 @@ def publish(c: Any, results: Sequence[Mapping], command: str | None = None) -> p
                 adapters[res["run"]][role] = dirs
         rows.append(row)
     commit = git_commit()
-    meta = {"env": c.env, "backbone": rows[0]["backbone"] if rows else "", "commit": commit,
-            "split": c.split or benchmarks.get(c.env).eval_split, "validation": c.validation.to_dict()}
-    (out / "results.json").write_text(json.dumps({**meta, "methods": rows, "adapters": adapters}, indent=2) + "\n")
+    for row in rows:
+        row["commit"] = commit
+    split = c.split or benchmarks.get(c.env).eval_split
+    stages = json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").exists() else {}
+    rows, stages = keep_published(out, c.env, split, rows, adapters, curves, stages)
+    meta = {"env": c.env, "backbone": rows[0]["backbone"] if rows else "", "commit": commit, "split": split,
+            "validation": c.validation.to_dict()}
+    (out / "results.json").write_text(json.dumps({**meta, "methods": rows, "adapters": adapters, "stages": stages},
+                                                 indent=2) + "\n")
     (out / "adapters.json").write_text(json.dumps(adapters, indent=2) + "\n")
     (out / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
     table = evaluation.table2([(r["backbone"], r["method"], {r["env"]: r}) for r in rows])
@@ -197,18 +203,45 @@ def publish(c: Any, results: Sequence[Mapping], command: str | None = None) -> p
     has_curve = plot_curves(curves, f"{prim}_FR", out / "rl_curve.png") if rows else False
     k = max((r["trials"] for r in rows), default=0)
     n = max((r["num_tasks"] for r in rows), default=0)
+    commits = {r["method"]: r["commit"] for r in rows}
+    made = (f"Commit `{commit}`." if set(commits.values()) <= {commit} else
+            "Commits: " + "; ".join(f"{m} `{x}`" for m, x in commits.items()) + ".")
     md = [f"# Table 2 at CPU scale: {c.env}, {meta['backbone']}", "",
           f"{n} tasks of split `{meta['split']}`, K = {k} trials (methods without a reflector run one trial: "
-          "IR = FR = AR). Greedy decoding. Commit `" + commit + "`.", "", table, "## Sanity figures", "",
+          "IR = FR = AR). Greedy decoding. " + made, "", table, "## Sanity figures", "",
           sanity_table(rows), "![per-trial](metrics.png)", ""]
     if has_curve:
         md += [f"![RL learning curve: {prim} FR per RL iteration](rl_curve.png)", ""]
     (out / "results.md").write_text("\n".join(md))
-    stages = json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").exists() else {}
     cmd = command or "python3 -m experiments.run " + " ".join(sys.argv[1:])
     (out / "RUN.md").write_text(run_md(c, cmd, stages, commit))
     merge_envs(out.parent)
     return out
+
+
+def keep_published(out: pathlib.Path, env: str, split: str, rows: list, adapters: dict, curves: dict,
+                   stages: Mapping) -> tuple[list, dict]:
+    """The rows of the table already published in ``out`` (same env and split) whose evals this run
+    directory does not hold (another machine made them, or an earlier run directory), kept as published
+    with their adapters, RL curves and stage figures; the rows in the methods' order, and the stages
+    (this run's figures over the published ones)."""
+    f = out / "results.json"
+    old = json.loads(f.read_text()) if f.exists() else {}
+    if old.get("env") != env or old.get("split") != split:
+        return rows, dict(stages)
+    have = {r["run"] for r in rows}
+    for r in old.get("methods", []):
+        if r["run"] in have:
+            continue
+        rows.append({**r, "commit": r.get("commit") or old.get("commit", "")})
+        if r["run"] in old.get("adapters", {}):
+            adapters[r["run"]] = old["adapters"][r["run"]]
+        if "rl" in r:
+            curves[r["method"]] = r["rl"]["curve"]
+    order = list(methods_lib.METHODS)
+    rows.sort(key=lambda r: order.index(r["run"]) if r["run"] in order else
+              order.index(r["run"].removesuffix("_single")) + 0.5)     # retroact run single-agent by a flag
+    return rows, {**old.get("stages", {}), **stages}
 
 
 # The paper's Table 2, Llama-2-7B-chat rows (PAPER §5.1; x100: HotpotQA F1, ALFWorld success, InterCode

@@ -354,26 +354,34 @@ def export(learner: train.Learner, out_dir: str | pathlib.Path, model_cfg: Any, 
     """Write each distinct trained model (see the module docstring); returns {name: hf dir}.
     The models are merged in place (their adapters are folded into the kernels): call at the end.
     Several processes: every process calls it (the parameters are gathered), process 0 writes."""
-    from retroact_jax.models import convert, lora as lora_lib, safetensors_io as sio
     learner.sync_models()
     out_dir = pathlib.Path(out_dir)
     if not distributed.is_main():
         return {learner.role_name[r]: str(out_dir / learner.role_name[r] / "hf") for r in learner.models}
-    src = pathlib.Path(str(getattr(tokenizer, "source", "")))
-    tok_files = src.parent if src.is_file() else (src if src.is_dir() else ())
     written, seen = {}, set()
     for role in train.ROLES:
         if role not in learner.models or id(learner.models[role]) in seen:
             continue
         model, name = learner.models[role], learner.role_name[role]
         seen.add(id(model))
-        model.eval()
-        if lora_lib.lora_modules(model):
-            lora_lib.save_lora(model, out_dir / name / "lora", lora_cfg or lora_lib.LoRAConfig())
-            lora_lib.merge_lora(model)
-        hf = sio.write_hf_dir(out_dir / name / "hf", model_cfg, convert.to_hf_state_dict(model),
-                              dtype=dtype, tokenizer_files=tok_files)
-        if isinstance(tokenizer, testing.ByteTokenizer):
-            testing.mark_export(hf)
-        written[name] = str(hf)
+        written[name] = export_model(model, out_dir / name, model_cfg, tokenizer, lora_cfg, dtype)
     return written
+
+
+def export_model(model: Any, out_dir: pathlib.Path, model_cfg: Any, tokenizer: Any, lora_cfg: Any = None,
+                 dtype: str | None = None, save_adapter: bool = True) -> str:
+    """One model's export: ``out_dir/lora`` (its adapters, PEFT layout; unless ``save_adapter`` is
+    False) and ``out_dir/hf`` (the adapters merged into the kernels, in place); returns the hf dir."""
+    from retroact_jax.models import convert, lora as lora_lib, safetensors_io as sio
+    src = pathlib.Path(str(getattr(tokenizer, "source", "")))
+    tok_files = src.parent if src.is_file() else (src if src.is_dir() else ())
+    model.eval()
+    if lora_lib.lora_modules(model):
+        if save_adapter:
+            lora_lib.save_lora(model, out_dir / "lora", lora_cfg or lora_lib.LoRAConfig())
+        lora_lib.merge_lora(model)
+    hf = sio.write_hf_dir(out_dir / "hf", model_cfg, convert.to_hf_state_dict(model),
+                          dtype=dtype, tokenizer_files=tok_files)
+    if isinstance(tokenizer, testing.ByteTokenizer):
+        testing.mark_export(hf)
+    return str(hf)
