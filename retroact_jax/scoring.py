@@ -29,7 +29,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 POW2 = tuple(2 ** i for i in range(0, 17))
 
 
-def token_logp(model, tokens_BxT, valid_BxT, chunk: int = 128):
+def token_logp(model, tokens_BxT, valid_BxT, chunk: int = 128, unroll: bool = False):
     """``logp_BxT`` (float32) for an NNX ``Decoder`` (see the module docstring)."""
     valid_BxT = valid_BxT.astype(bool)
     h, _ = model.hidden(tokens_BxT, positions_from_mask(valid_BxT), valid_BxT)
@@ -41,23 +41,42 @@ def token_logp(model, tokens_BxT, valid_BxT, chunk: int = 128):
     prev_BxT = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), last_valid_BxT[:, :-1]], axis=1)
     has_prev = prev_BxT >= 0
     src = jnp.take_along_axis(h, jnp.maximum(prev_BxT, 0)[:, :, None], axis=1)
-    out = []
-    for lo in range(0, t, chunk):
-        logits = model.head(src[:, lo:lo + chunk])
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, tokens_BxT[:, lo:lo + chunk, None], axis=-1)[..., 0]
-        out.append(tgt - lse)
-    logp = jnp.concatenate(out, axis=1)
+    logp = head_logp(model.head, src, tokens_BxT, chunk, unroll)
     return jnp.where(valid_BxT & has_prev, logp, 0.0)
 
 
-def score_fn(graphdef, params, tokens_BxT, valid_BxT, chunk: int = 128):
+def head_logp(head_fn, h_BxTxD, tokens_BxT, chunk: int, unroll: bool = False):
+    """``log_softmax(head_fn(h))[token]`` per position, ``chunk`` positions at a time in a loop
+    (``lax.map``): one [chunk, V] logits array is live, never [B, T, V] (8 x 2048 x 49152 floats =
+    3 GB; a Python loop over chunks lets XLA schedule them all at once). ``unroll``: straight-line
+    chunks (``sharding.loops_deadlock``: a loop on a multi-device XLA:CPU mesh can deadlock)."""
+    B, T, D = h_BxTxD.shape
+    n = B * T
+    k = -(-n // chunk)
+    pad = k * chunk - n
+    h_KxCxD = jnp.pad(h_BxTxD.reshape(n, D), ((0, pad), (0, 0))).reshape(k, chunk, D)
+    tok_KxC = jnp.pad(tokens_BxT.reshape(n).astype(jnp.int32), (0, pad)).reshape(k, chunk)
+
+    def one(args):
+        h_CxD, tok_C = args
+        logits_CxV = head_fn(h_CxD).astype(jnp.float32)
+        tgt_C = jnp.take_along_axis(logits_CxV, tok_C[:, None], axis=-1)[:, 0]
+        return tgt_C - jax.nn.logsumexp(logits_CxV, axis=-1)
+
+    if unroll:
+        logp_KxC = jnp.stack([one((h_KxCxD[i], tok_KxC[i])) for i in range(k)])
+    else:
+        logp_KxC = jax.lax.map(one, (h_KxCxD, tok_KxC))
+    return logp_KxC.reshape(-1)[:n].reshape(B, T)
+
+
+def score_fn(graphdef, params, tokens_BxT, valid_BxT, chunk: int = 128, unroll: bool = False):
     """Pure-function form: ``(graphdef, params, tokens, valid) -> logp_BxT``."""
     TRACE_COUNTS["score"] += 1
-    return token_logp(nnx.merge(graphdef, params), tokens_BxT, valid_BxT, chunk)
+    return token_logp(nnx.merge(graphdef, params), tokens_BxT, valid_BxT, chunk, unroll)
 
 
-_score_jit = jax.jit(score_fn, static_argnums=(0, 4))
+_score_jit = jax.jit(score_fn, static_argnums=(0, 4, 5))
 
 
 class ScoringError(ValueError):
@@ -75,12 +94,17 @@ class Scorer:
             graphdef, params = nnx.split(model)
         if graphdef is None or params is None:
             raise ScoringError("Scorer needs a model or graphdef= and params=")
-        self.graphdef, self.params, self.chunk = graphdef, params, int(chunk)
+        self.graphdef, self.chunk = graphdef, int(chunk)
+        self.set_params(params)
         self.batch_buckets, self.length_buckets = sorted(batch_buckets), sorted(length_buckets)
         self.vocab_size = nnx.merge(graphdef, params).cfg.vocab_size
 
     def set_params(self, params) -> None:
+        from retroact_jax import sharding
         self.params = params
+        mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
+                     if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
+        self.unroll = sharding.loops_deadlock(mesh)     # the head's chunk loop (head_logp)
 
     @staticmethod
     def _bucket(n, buckets, what):
@@ -104,5 +128,5 @@ class Scorer:
         tok[:b, :t] = np.where(valid, tokens, 0)   # right-pad: causal, so appended padding
         val[:b, :t] = valid                        # cannot change earlier log-probs
         out = _score_jit(self.graphdef, self.params if params is None else params, tok, val,
-                         min(self.chunk, tb))
+                         min(self.chunk, tb), self.unroll)
         return np.asarray(out)[:b, :t]

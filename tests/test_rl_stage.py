@@ -111,6 +111,24 @@ def test_first_update_ratio_is_one_when_behaviour_is_current(rollout):
     assert m2["ratio_max"] - m2["ratio_min"] > 1e-4
 
 
+def test_behaviour_scores_with_the_train_steps_attention(rollout):
+    """The RL stage's scorer runs ``train.attention`` (blockwise: no [T, T] scores), the sampler and
+    the model keep theirs; the log-probs agree with the default attention's."""
+    import ml_collections
+    from retroact_jax.stages import behaviour
+    _, recs, _ = rollout
+    model = _model(0)         # the fixture's model: an earlier test's learner took (donated) its arrays
+    cfg = ml_collections.ConfigDict({"batch_buckets": "4", "chunk_buckets": "", "cache_buckets": "2048",
+                                     "new_token_buckets": "16", "score_buckets": "1024"})
+    b = behaviour.per_role({"planner": model, "reflector": model}, TOK, cfg, "blockwise")
+    assert b["planner"] is b["reflector"] and model.cfg.attention == "default"
+    assert nnx.merge(b["planner"].scorer.graphdef, b["planner"].scorer.params).cfg.attention == "blockwise"
+    assert nnx.merge(b["planner"].sampler.graphdef, b["planner"].sampler.params).cfg.attention == "default"
+    ts = batching.tokenize_sample(collect.rl_samples(recs, ("planner",))[0], TOK, eos_id=TOK.eos_id)
+    ids, ones = ts.ids[None], np.ones((1, len(ts)), bool)
+    np.testing.assert_allclose(b["planner"].scorer(ids, ones), scoring.Scorer(model)(ids, ones), atol=2e-5)
+
+
 # ------------------------------------------------------------------------------- whole stage
 def _config(tmp: pathlib.Path, iterations: int):
     c = rl_stage.default_config()

@@ -64,3 +64,27 @@ def test_scorer_rejects_bad_input(pair):
         scorer(np.array([[1, 999]]), np.ones((1, 2), bool))
     with pytest.raises(scoring.ScoringError, match="must be equal"):
         scorer(np.zeros((1, 3), np.int32), np.ones((1, 2), bool))
+
+
+def test_the_vocabulary_head_is_never_materialised_whole():
+    """The head runs chunk by chunk in a loop: XLA's temp for a batch whose [B, T, V] logits would
+    be 64 MB stays under half of it (before, a Python loop over chunks let XLA schedule every chunk's
+    logits at once: temp ~ B x T x V floats); the unrolled form (multi-device CPU meshes) agrees."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from retroact_jax.models import decoder
+    cfg = ModelConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, max_position_embeddings=1024)
+    model = decoder.Decoder(cfg, rngs=nnx.Rngs(0))
+    gd, st = nnx.split(model)
+    B, T = 4, 512
+    args = (jax.ShapeDtypeStruct((B, T), np.int32), jax.ShapeDtypeStruct((B, T), bool))
+    temp = scoring._score_jit.lower(gd, st, *args, 128, False).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 0.5 * B * T * cfg.vocab_size * 4, temp     # the rest is the [B, H, T, T] attention scores
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 8192, (2, 40)), jnp.int32)
+    valid = jnp.ones((2, 40), bool)
+    loop = scoring._score_jit(gd, st, tokens, valid, 16, False)
+    unrolled = scoring._score_jit(gd, st, tokens, valid, 16, True)
+    np.testing.assert_allclose(np.asarray(loop), np.asarray(unrolled), atol=1e-6)

@@ -3,6 +3,8 @@ parameters that collect the data) and the replay buffer's files.
 
 * ``Behaviour``: one sampler and one scorer over a model in eval mode (no LoRA dropout), refreshed
   from the model after every update; the RL stage has one per distinct model (one when single-agent).
+  The scorer runs the train step's attention (``train.attention``: blockwise by default, no [T, T]
+  scores), so behaviour and learner log-probs come from the same computation.
 * ``save_buffer`` / ``load_buffer``: ``replay/buffer-<k>.json`` written atomically with its sha256,
   which the checkpoint's meta records; a resumed run reads it back and checks the sha256.
 """
@@ -24,10 +26,18 @@ BUCKET_KEYS = ("batch_buckets", "chunk_buckets", "cache_buckets", "new_token_buc
 class Behaviour:
     """Sampler + scorer over one model in eval mode, refreshed from it (``refresh``)."""
 
-    def __init__(self, model, tok, collect_cfg: Any):
+    def __init__(self, model, tok, collect_cfg: Any, score_attention: str = ""):
         from retroact_jax import sampling, scoring
+        from retroact_jax.models.decoder import set_memory_options
         self.model = model
         gd, st = self._split()
+        own = model.cfg                 # the scorer computes what the train step computes: its attention
+        if score_attention:
+            set_memory_options(model, attention=score_attention)
+        try:
+            score_gd, _ = self._split()
+        finally:
+            model.cfg = own
         b = {k: tuple(int(x) for x in as_list(collect_cfg[k])) for k in BUCKET_KEYS if as_list(collect_cfg[k])}
         kw = {k: b[k] for k in ("batch_buckets", "chunk_buckets", "new_token_buckets") if k in b}
         if "cache_buckets" in b:
@@ -36,7 +46,7 @@ class Behaviour:
         self.sampler = sampling.Sampler(graphdef=gd, params=st, pad_id=pad, eos_ids=tok.eos_ids, **kw)
         skw = {k: v for k, v in (("batch_buckets", b.get("batch_buckets")),
                                  ("length_buckets", b.get("score_buckets"))) if v}
-        self.scorer = scoring.Scorer(graphdef=gd, params=st, **skw)
+        self.scorer = scoring.Scorer(graphdef=score_gd, params=st, **skw)
 
     def _split(self):
         self.model.eval()
@@ -51,12 +61,13 @@ class Behaviour:
         self.scorer.set_params(st)
 
 
-def per_role(models: dict, tok, collect_cfg: Any) -> dict[str, Behaviour]:
-    """{role: Behaviour}, one object per distinct model."""
+def per_role(models: dict, tok, collect_cfg: Any, score_attention: str = "") -> dict[str, Behaviour]:
+    """{role: Behaviour}, one object per distinct model; ``score_attention``: the scorer's attention
+    (the train step's, ``train.attention``; "" = the model's)."""
     by_id: dict[int, Behaviour] = {}
     for m in models.values():
         if id(m) not in by_id:
-            by_id[id(m)] = Behaviour(m, tok, collect_cfg)
+            by_id[id(m)] = Behaviour(m, tok, collect_cfg, score_attention)
     return {r: by_id[id(m)] for r, m in models.items()}
 
 

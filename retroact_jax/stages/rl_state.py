@@ -106,7 +106,7 @@ def init(c: Any, workdir: pathlib.Path) -> RLState:
                 rl_rows=rl_rows, il_rows=il_rows, buckets=buckets, eos=eos, il_data=il_data,
                 collate_kw=dict(max_len=max(buckets), observations=c.train.observations,
                                 reflector_reward=c.train.reflector_reward, alpha=float(c.train.alpha)),
-                behaviour=behaviour_lib.per_role(t.models, t.tokenizer, c.collect),
+                behaviour=behaviour_lib.per_role(t.models, t.tokenizer, c.collect, str(c.train.attention)),
                 buffer=replay_lib.ReplayBuffer(_replay_cfg(c)), n_train=n_train, pool=pool,
                 backend=c.collect.env_backend or bench.env_backend)
     (workdir / "replay").mkdir(parents=True, exist_ok=True)
