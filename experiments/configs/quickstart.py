@@ -57,6 +57,8 @@ def get_config():
     c.rl.collect.reflector_max_tokens = 48
     c.rl.collect.cache_buckets = "2048,4096"   # one KV-cache length for these prompts: no regrowth,
     c.rl.collect.chunk_buckets = "16,64,256,1024"  # fewer shapes to compile (bench/README.md)
+    c.rl.collect.score_rows = 2          # behaviour scoring 2 rows at a time: a forward's temp grows with
+    #                                      rows x length (8 x 2048: 1.4 GB, the RL stage's peak; 2: ~0.4)
     c.rl.replay.drop_zero_reward = False  # the untrained model rarely scores: keep R = 0 rows
     c.rl.replay.max_chars = 0             # keep long rows (the original drops > 5000 chars)
     c.rl.replay.max_tokens = 0            # rows are cut at the bucket instead of dropped

@@ -100,6 +100,7 @@ def get_config():
     c.rl.collect.batch_size = 16         # tasks in flight (32 rows held 12.3 GB RSS: 4096-slot caches)
     c.rl.collect.cache_buckets = c.eval.cache_buckets   # the eval's shapes: compiles shared
     c.rl.collect.chunk_buckets = c.eval.chunk_buckets
+    c.rl.collect.score_rows = 2          # behaviour scoring 2 rows at a time (8 x 2048: 1.4 GB of temp)
     c.rl.replay.max_tokens = 1536        # rows longer than the largest train bucket are dropped
     c.rl.optimizer.learning_rate = 1e-4  # the original's RL rate
     c.rl.optimizer.warmup_steps = 5      # linear warmup steps
