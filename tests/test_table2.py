@@ -198,6 +198,7 @@ def test_progress_carries_a_run_to_a_fresh_machine(table, tmp_path):
     saved = [p.relative_to(tmp_path / "progress") for p in (tmp_path / "progress").rglob("*") if p.is_file()]
     assert got["files"] == len(saved) - 1 and not got["skipped_over_max_mb"]
     assert not any("hf" in p.parts for p in saved)
+    assert not any("checkpoints" in p.parts for p in saved)         # every stage finished: none needed
     assert any(p.name == "adapter_model.safetensors" for p in saved)
     kept = tmp_path / "lost_machine"
     run.rename(kept)
@@ -251,3 +252,21 @@ def test_publish_keeps_the_published_rows_it_does_not_rebuild(table, tmp_path):
     (pub / "results.json").write_text(json.dumps(other))
     publish.publish(c2, [], command="x")
     assert [m["method"] for m in json.loads((pub / "results.json").read_text())["methods"]] == ["SFT+RL"]
+
+
+def test_progress_keeps_the_checkpoints_of_unfinished_stages_only(tmp_path):
+    from retroact_jax.stages import progress
+    run = tmp_path / "run"
+    for stage, done in (("il_planner", True), ("sft_rl/rl", False)):
+        (run / stage / "checkpoints" / "50").mkdir(parents=True)
+        (run / stage / "checkpoints" / "50" / "state.bin").write_bytes(b"x")
+        (run / stage / "metrics.jsonl").write_text("{}\n")
+        if done:
+            (run / stage / f"{stage.split('/')[-1].split('_')[0]}_summary.json").write_text("{}")
+    (run / "il_planner" / "export" / "planner" / "hf").mkdir(parents=True)
+    (run / "il_planner" / "export" / "planner" / "hf" / "model.safetensors").write_bytes(b"w")
+    got = progress.save(run, tmp_path / "p")
+    saved = sorted(str(p.relative_to(tmp_path / "p")) for p in (tmp_path / "p").rglob("*") if p.is_file())
+    assert saved == ["il_planner/il_summary.json", "il_planner/metrics.jsonl", "progress.json",
+                     "sft_rl/rl/checkpoints/50/state.bin", "sft_rl/rl/metrics.jsonl"]
+    assert got["files"] == 4

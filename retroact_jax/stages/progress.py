@@ -5,9 +5,9 @@ makes the run resumable into a directory you commit; ``restore`` puts it back in
 a fresh checkout, and the rerun command skips the finished stages and resumes the unfinished ones:
 
     save:     every file of the run directory except the merged HF exports (``export/<name>/hf/``,
-              ~0.5 GB each) and files over ``max_mb`` (listed in ``progress.json``): the stages'
-              summaries, stage configs, metrics, LoRA exports and checkpoints, the expert's and the
-              evals' trajectory files, stages.json
+              ~0.5 GB each), the checkpoints of finished stages and files over ``max_mb`` (listed in
+              ``progress.json``): the stages' summaries, stage configs, metrics, LoRA exports, the
+              unfinished stages' checkpoints, the expert's and the evals' trajectory files, stages.json
     restore:  copies the saved files that the run directory lacks (a file it has is newer: kept), then
               rebuilds each missing HF export from its stage's source model and LoRA adapters, IL
               stages before RL stages (an RL stage's source is its IL stage's export)
@@ -40,6 +40,16 @@ def _exported(path: pathlib.Path, run: pathlib.Path) -> bool:
     return any(parts[i] == "export" and parts[i + 2] == "hf" for i in range(len(parts) - 2))
 
 
+def _finished_checkpoint(path: pathlib.Path, run: pathlib.Path) -> bool:
+    """A checkpoint of a finished stage (its ``<stage>_summary.json`` exists): only an unfinished
+    stage resumes from its checkpoints; a finished one is read through its summary and exports."""
+    parts = path.relative_to(run).parts
+    if "checkpoints" not in parts:
+        return False
+    stage_dir = run.joinpath(*parts[:parts.index("checkpoints")])
+    return any((stage_dir / f"{s}_summary.json").exists() for s in ("il", "rl"))
+
+
 def save(run_dir: str | pathlib.Path, progress_dir: str | pathlib.Path, max_mb: float = 20.0) -> dict:
     """Mirror the run directory's resumable files into ``progress_dir`` (replacing what it held);
     returns the manifest (also written as ``progress_dir/progress.json``)."""
@@ -51,7 +61,7 @@ def save(run_dir: str | pathlib.Path, progress_dir: str | pathlib.Path, max_mb: 
     files, skipped = [], []
     for f in sorted(p for p in run.rglob("*") if p.is_file()):
         rel = f.relative_to(run)
-        if _exported(f, run) or f.suffix == ".tmp":
+        if _exported(f, run) or _finished_checkpoint(f, run) or f.suffix == ".tmp":
             continue
         if f.stat().st_size > max_mb * 2**20:
             skipped.append({"path": str(rel), "mb": round(f.stat().st_size / 2**20, 1)})
