@@ -134,6 +134,15 @@ def test_transformers_round_trip(tmp_path, arch, tie, torch_dtype, shard):
     with torch.no_grad():
         out = back(tokens).logits.numpy()
     np.testing.assert_allclose(out, ref, atol=1e-5)   # bf16 source -> bf16 export is lossless
+    # the lazy tensors the stages export with (one host copy at a time) write the same bytes
+    from retroact_jax.models.convert import hf_tensors
+    sio.write_hf_dir(tmp_path / "lazy", cfg, hf_tensors(model),
+                     dtype="bfloat16" if torch_dtype == torch.bfloat16 else None,
+                     max_shard_bytes=30_000 if shard else sio.DEFAULT_MAX_SHARD_BYTES)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "lazy").iterdir())
+    for f in files:
+        assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "lazy" / f).read_bytes(), f
 
 
 # ------------------------------------------------------------------------------------------- GGUF

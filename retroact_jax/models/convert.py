@@ -113,10 +113,29 @@ def load_model(cfg: ModelConfig, tensors: Mapping[str, Any], shardings: Any = No
 def to_hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
     """HF-named numpy arrays (torch layout ``[out, in]``); LoRA parameters are not included
     (merge adapters into the kernels first)."""
-    out: dict[str, np.ndarray] = {}
+    return {name: np.asarray(t) for name, t in hf_tensors(model).items()}
+
+
+class HFTensor:
+    """One parameter in HF layout, converted when read (``np.asarray``): a writer that streams
+    tensors one at a time holds one host copy, not the whole model's (0.54 GB for SmolLM2-135M)."""
+
+    def __init__(self, value: Any, transpose: bool):
+        self.value, self.transpose = value, transpose
+        self.shape = tuple(reversed(value.shape)) if transpose else tuple(value.shape)
+        self.dtype = np.dtype(value.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = np.asarray(jax.device_get(self.value))
+        arr = np.ascontiguousarray(arr.T) if self.transpose else arr
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def hf_tensors(model: Decoder) -> dict[str, HFTensor]:
+    """``to_hf_state_dict`` without the copies: {HF name: ``HFTensor``} (for ``write_hf_dir``)."""
+    out: dict[str, HFTensor] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(var, nnx.LoRAParam):
             continue
-        arr = np.asarray(jax.device_get(var.get_value()))
-        out[nnx_path_to_hf(path)] = np.ascontiguousarray(arr.T) if _is_kernel(path) else arr
+        out[nnx_path_to_hf(path)] = HFTensor(var.get_value(), _is_kernel(path))
     return out

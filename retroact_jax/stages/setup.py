@@ -380,7 +380,7 @@ def export_model(model: Any, out_dir: pathlib.Path, model_cfg: Any, tokenizer: A
         if save_adapter:
             lora_lib.save_lora(model, out_dir / "lora", lora_cfg or lora_lib.LoRAConfig())
         lora_lib.merge_lora(model)
-    hf = sio.write_hf_dir(out_dir / "hf", model_cfg, convert.to_hf_state_dict(model),
+    hf = sio.write_hf_dir(out_dir / "hf", model_cfg, convert.hf_tensors(model),   # one tensor copied at a time
                           dtype=dtype, tokenizer_files=tok_files)
     if isinstance(tokenizer, testing.ByteTokenizer):
         testing.mark_export(hf)
