@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retroact_jax import sharding
 from retroact_jax.models import attention as attn_lib
 from retroact_jax.models.decoder import KVCache, positions_after
 from retroact_jax.stops import (MAX_STOP_LEN, MAX_STOP_SEQS, StopError, seq_stopped,  # noqa: F401
@@ -263,9 +264,7 @@ class Sampler:
 
     def _fresh(self, batch: int, length: int, num_rows: int) -> SamplerState:
         # weights sharded over a mesh (the RL learner's placed copy): the cache is sharded too
-        mesh = next((x.sharding.mesh for x in jax.tree.leaves(self.params)
-                     if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
-        return SamplerState(cache=KVCache.init(self.cfg, batch, length, mesh=mesh),
+        return SamplerState(cache=KVCache.init(self.cfg, batch, length, mesh=sharding.tree_mesh(self.params)),
                             last_logits_BxV=jnp.zeros((batch, self.cfg.vocab_size), jnp.float32),
                             num_rows=num_rows)
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retroact_jax import losses, sharding
 from retroact_jax.models.decoder import positions_from_mask
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -41,33 +42,10 @@ def token_logp(model, tokens_BxT, valid_BxT, chunk: int = 128, unroll: bool = Fa
     prev_BxT = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), last_valid_BxT[:, :-1]], axis=1)
     has_prev = prev_BxT >= 0
     src = jnp.take_along_axis(h, jnp.maximum(prev_BxT, 0)[:, :, None], axis=1)
-    logp = head_logp(model.head, src, tokens_BxT, chunk, unroll)
+    # src[t] predicts token t: the training loss's chunked head (a loop: one [chunk, V] logits array
+    # live, never [B, T, V]) on src[:, 1:] gives every t >= 1; t = 0 has no predictor (masked below)
+    logp, _ = losses.head_logprobs_and_entropy(model.head, src[:, 1:], tokens_BxT, chunk, unroll)
     return jnp.where(valid_BxT & has_prev, logp, 0.0)
-
-
-def head_logp(head_fn, h_BxTxD, tokens_BxT, chunk: int, unroll: bool = False):
-    """``log_softmax(head_fn(h))[token]`` per position, ``chunk`` positions at a time in a loop
-    (``lax.map``): one [chunk, V] logits array is live, never [B, T, V] (8 x 2048 x 49152 floats =
-    3 GB; a Python loop over chunks lets XLA schedule them all at once). ``unroll``: straight-line
-    chunks (``sharding.loops_deadlock``: a loop on a multi-device XLA:CPU mesh can deadlock)."""
-    B, T, D = h_BxTxD.shape
-    n = B * T
-    k = -(-n // chunk)
-    pad = k * chunk - n
-    h_KxCxD = jnp.pad(h_BxTxD.reshape(n, D), ((0, pad), (0, 0))).reshape(k, chunk, D)
-    tok_KxC = jnp.pad(tokens_BxT.reshape(n).astype(jnp.int32), (0, pad)).reshape(k, chunk)
-
-    def one(args):
-        h_CxD, tok_C = args
-        logits_CxV = head_fn(h_CxD).astype(jnp.float32)
-        tgt_C = jnp.take_along_axis(logits_CxV, tok_C[:, None], axis=-1)[:, 0]
-        return tgt_C - jax.nn.logsumexp(logits_CxV, axis=-1)
-
-    if unroll:
-        logp_KxC = jnp.stack([one((h_KxCxD[i], tok_KxC[i])) for i in range(k)])
-    else:
-        logp_KxC = jax.lax.map(one, (h_KxCxD, tok_KxC))
-    return logp_KxC.reshape(-1)[:n].reshape(B, T)
 
 
 def score_fn(graphdef, params, tokens_BxT, valid_BxT, chunk: int = 128, unroll: bool = False):
@@ -100,11 +78,9 @@ class Scorer:
         self.vocab_size = nnx.merge(graphdef, params).cfg.vocab_size
 
     def set_params(self, params) -> None:
-        from retroact_jax import sharding
         self.params = params
-        mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
-                     if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
-        self.unroll = sharding.loops_deadlock(mesh)     # the head's chunk loop (head_logp)
+        # the head's chunk loop (losses.head_logprobs_and_entropy) is unrolled where a loop may deadlock
+        self.unroll = sharding.loops_deadlock(sharding.tree_mesh(params))
 
     @staticmethod
     def _bucket(n, buckets, what):

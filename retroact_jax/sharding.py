@@ -132,6 +132,13 @@ def explain(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DECODER_RULE
     return lines
 
 
+def tree_mesh(tree: Any) -> Mesh | None:
+    """The mesh of the first leaf placed with a ``NamedSharding`` (weights sharded over a mesh, e.g.
+    the RL learner's placed copy), else None."""
+    return next((x.sharding.mesh for x in jax.tree.leaves(tree)
+                 if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+
+
 def loops_deadlock(mesh: Mesh | None) -> bool:
     """Whether a loop (``lax.map`` / ``scan``) holding collectives may deadlock on ``mesh``: XLA:CPU
     runs the devices of one process as threads that meet at each collective, and orders a loop
