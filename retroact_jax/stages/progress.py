@@ -105,8 +105,8 @@ def _source(stage_cfg: dict, name: str) -> str:
 def rebuild_exports(stage_dir: pathlib.Path, stage: str) -> list[str]:
     """The finished stage's HF exports that are missing, rebuilt from its source models + its LoRA
     exports; returns the rebuilt dirs."""
-    summary = json.loads((stage_dir / f"{stage}_summary.json").read_text())
-    missing = {n: pathlib.Path(hf) for n, hf in (summary.get("export") or {}).items()
+    from retroact_jax.stages import evaluate
+    missing = {n: pathlib.Path(hf) for n, hf in evaluate.exports(stage_dir, stage).items()
                if not (pathlib.Path(hf) / "config.json").is_file()}
     if not missing:
         return []
