@@ -228,3 +228,30 @@ def test_a_completion_ending_on_eos_excludes_it(sampler_tok):
     c, d = (p.generate([Request(0, nxt)], ["\n"], 8, 0.0)[0] for p in (inc, ref))
     assert (c.text, c.token_ids) == (d.text, d.token_ids)
     assert inc.stats["rolled_back"] >= 1          # the EOS the row's cache held
+
+
+def test_a_long_kept_row_and_a_long_addition_evict_the_cache_instead_of_failing(sampler_tok):
+    """Additions are written after the longest kept row (one shared cursor): a row keeping 1,400
+    tokens and another adding 600 need 1,400 + 1,536 (chunk) + 16 slots, over the largest bucket
+    (2,048), although each context fits it alone. The policy drops every row's cache and re-prefills
+    them whole instead of failing (the Table 2 Reflexion eval stopped on "KV cache length = 5002
+    exceeds the largest bucket 4096": a reflector row kept 2,000 tokens of its task's last prompt),
+    with the completions of a full re-prefill."""
+    base, tok = sampler_tok
+    sampler = sampling.Sampler(graphdef=base.graphdef, params=base.params, pad_id=0, eos_ids=(),
+                               batch_buckets=(4, 8), chunk_buckets=(32, 128, 512, 1536),
+                               length_buckets=(256, 512, 1024, 2048), new_token_buckets=(16,))
+    inc, ref = LMPolicy(sampler, tok), LMPolicy(sampler, tok, incremental=False)
+    ctx = {"a": [Span("prompt", "x" * 1400)], "b": [Span("prompt", "Q: ")]}
+    for step, more in enumerate(({}, {"a": "y" * 5, "b": "z" * 600}, {"a": "u" * 5, "b": "w" * 5})):
+        for k in ctx:
+            if more.get(k):
+                ctx[k].append(Span("observation", more[k]))
+        reqs = [Request(k, list(ctx[k])) for k in ctx]
+        a, b = inc.generate(reqs, ["\n"], 16, 0.0), ref.generate(reqs, ["\n"], 16, 0.0)
+        for k, x, y in zip(ctx, a, b):
+            assert (x.text, x.token_ids) == (y.text, y.token_ids)
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=2e-4)
+            ctx[k].append(Span("generated", x.text, x.token_ids, x.logprobs))
+        assert inc.stats["evictions"] == (0 if step == 0 else 1)     # the third step reuses again
+    assert inc.state.cache.length == 2048

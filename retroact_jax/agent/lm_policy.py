@@ -18,7 +18,9 @@ and scoring tokenise the same text, batching.tokenize_sample) and compared with 
   call leaves holes (chunk padding, rows that stopped decoding early, rollbacks, finished
   episodes); before a call that would grow the cache, or whose live rows fit a smaller length
   bucket, the holes are dropped by a gather (``Sampler.compact``): the cache stays near the
-  longest live row, which is what every decode step reads.
+  longest live row, which is what every decode step reads. When the longest kept row plus the
+  longest addition would overflow the largest bucket (every addition is written after the longest
+  kept row), every row's cache is dropped and re-prefilled whole (``stats["evictions"]``).
 
 ``incremental=False`` re-prefills every context at every call (the baseline for bench/rollout.py).
 New weights (``Sampler.set_params``) drop every row: no cached key / value outlives the weights.
@@ -78,7 +80,7 @@ class LMPolicy:
         self._params = getattr(sampler, "params", None)   # the weights the cache rows were computed with
         self._stop_masks: dict[tuple[str, ...], tuple[np.ndarray, list]] = {}
         self.stats = {"calls": 0, "prefill_tokens": 0, "reused_tokens": 0, "rolled_back": 0,
-                      "compactions": 0, "new_tokens": 0}
+                      "compactions": 0, "new_tokens": 0, "evictions": 0}
 
     # ------------------------------------------------------------------------------ interface
     def count_tokens(self, text: str) -> int:
@@ -211,6 +213,24 @@ class LMPolicy:
         if most + chunk + max_new > max(self.sampler.length_buckets):
             grouped = False
             chunk = extend_advance(self.sampler, self.state.cache.batch, lengths, grouped=False)
+        if most + chunk + max_new > max(self.sampler.length_buckets):
+            # every addition is written after the longest kept row (one shared cursor): a long kept
+            # prefix plus another row's long addition can overflow the largest bucket although each
+            # context fits it alone (the Table 2 Reflexion eval: 2,002 kept + 2,750 added + 250).
+            # Drop every row's cache: the rows re-prefill whole, in longest-context + max_new slots.
+            for i, r in enumerate(self.rows):
+                dropped += [(i, s) for s in r.slots]
+                if i in todo:
+                    self.stats["reused_tokens"] -= len(r.ids)
+                    todo[i] = r.ids + todo[i]
+                r.ids, r.slots = [], []
+            live, most = [[] for _ in self.rows], 0
+            lengths = [len(todo.get(i, [])) for i in range(self.state.num_rows)]
+            chunk = extend_advance(self.sampler, self.state.cache.batch, lengths)
+            grouped = most + chunk + max_new <= max(self.sampler.length_buckets)
+            if not grouped:
+                chunk = extend_advance(self.sampler, self.state.cache.batch, lengths, grouped=False)
+            self.stats["evictions"] += 1
         end, length = int(self.state.cache.end), self.state.cache.length
         room = most + chunk + max_new
         shrinks = sampling.bucket(max(room, 1), self.sampler.length_buckets, "KV cache length") < length
