@@ -255,3 +255,43 @@ def test_a_long_kept_row_and_a_long_addition_evict_the_cache_instead_of_failing(
             ctx[k].append(Span("generated", x.text, x.token_ids, x.logprobs))
         assert inc.stats["evictions"] == (0 if step == 0 else 1)     # the third step reuses again
     assert inc.state.cache.length == 2048
+
+
+def test_a_policy_that_does_not_hold_its_cache_frees_it_with_its_last_row(sampler_tok):
+    """``hold_cache=False`` (the reflector's: every row is released after each call): releasing the
+    last row frees the cache, the next call starts one sized to its own rows, and completions
+    equal a full re-prefill's. With ``hold_cache`` (the planner's) released rows keep their cache."""
+    sampler, tok = sampler_tok
+    drop, hold = LMPolicy(sampler, tok, hold_cache=False), LMPolicy(sampler, tok)
+    ref = LMPolicy(sampler, tok, incremental=False)
+    calls = [[f"Trial {k}: what went wrong with task {k}?" for k in range(6)], ["Trial 9: and now?"]]
+    for n, texts in enumerate(calls):
+        reqs = [Request((n, i), [Span("prompt", t)]) for i, t in enumerate(texts)]
+        a, b = drop.generate(reqs, ["\n"], 8, 0.0), ref.generate(reqs, ["\n"], 8, 0.0)
+        hold.generate(reqs, ["\n"], 8, 0.0)
+        assert [(x.text, x.token_ids) for x in a] == [(y.text, y.token_ids) for y in b]
+        assert drop.state.cache.batch == (8 if n == 0 else 4)
+        for p in (drop, hold):
+            p.release([r.key for r in reqs])
+        assert drop.state is None and drop.rows == []
+        assert hold.state is not None and hold.state.cache.batch == 8
+
+
+def test_the_stages_reflectors_do_not_hold_their_cache(monkeypatch):
+    """The RL stage's and the evaluation's reflector policies free their cache between calls; the
+    planners keep theirs (its rows' prefixes serve the next step)."""
+    import types
+    from retroact_jax.stages import evaluate, methods, rl
+    fake = types.SimpleNamespace(sampler=types.SimpleNamespace(params=None))
+    s = types.SimpleNamespace(c=types.SimpleNamespace(collect=types.SimpleNamespace(top_p=1.0, min_new_tokens=0)),
+                              behaviour={"planner": fake, "reflector": fake}, reflector=True,
+                              t=types.SimpleNamespace(tokenizer=ToyTokenizer()))
+    planner, reflector = rl.policies(s, explore=True)
+    assert (planner.hold_cache, reflector.hold_cache) == (True, False)
+    seen = []
+    monkeypatch.setattr(evaluate, "_policy", lambda src, lora, c, cache, hold_cache=True: seen.append(hold_cache))
+    monkeypatch.setattr(evaluate, "model_sources", lambda *a: ("p", "r"))
+    c = types.SimpleNamespace(model=types.SimpleNamespace(policy="lm", planner="p", reflector="",
+                                                          planner_lora="", reflector_lora=""))
+    evaluate.policies(c, methods.get("retroact"), None, None, {})
+    assert seen == [True, False]

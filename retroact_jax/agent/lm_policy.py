@@ -22,6 +22,10 @@ and scoring tokenise the same text, batching.tokenize_sample) and compared with 
   longest addition would overflow the largest bucket (every addition is written after the longest
   kept row), every row's cache is dropped and re-prefilled whole (``stats["evictions"]``).
 
+``hold_cache=False`` frees the cache when its last row is released: for a policy whose rows are all
+released after each call (the reflector: one call per failed trial), a cache kept between calls
+would hold its largest call's rows x length (16 x 4,096 slots of SmolLM2-135M: 3 GB) while the
+planner runs, to save re-computing a few hundred tokens of shared instructions per call.
 ``incremental=False`` re-prefills every context at every call (the baseline for bench/rollout.py).
 New weights (``Sampler.set_params``) drop every row: no cached key / value outlives the weights.
 Stop strings become the sampler's vocabulary mask (tokens whose text contains one) and, for a stop
@@ -67,8 +71,10 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 
 class LMPolicy:
     def __init__(self, sampler: sampling.Sampler, tokenizer, *, incremental: bool = True,
-                 top_p: float = 1.0, min_new_tokens: int = 0, segment: int = 32):
+                 top_p: float = 1.0, min_new_tokens: int = 0, segment: int = 32,
+                 hold_cache: bool = True):
         self.sampler, self.tok = sampler, tokenizer
+        self.hold_cache = bool(hold_cache)   # False: the cache is freed when its last row is released
         if int(min_new_tokens) < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
         self.min_new_tokens = int(min_new_tokens)
@@ -91,6 +97,8 @@ class LMPolicy:
         for r in self.rows:
             if r.key in ks:
                 r.key = None   # slots are invalidated when the row is reused
+        if not self.hold_cache and all(r.key is None for r in self.rows):
+            self.state, self.rows = None, []     # the next call starts a cache sized to its rows
 
     def generate(self, requests: Sequence[Request], stop: Sequence[str], max_new_tokens: int,
                  temperature: float) -> list[Completion]:

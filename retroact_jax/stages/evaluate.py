@@ -51,8 +51,9 @@ def trained_sources(c: Any, method_dir: pathlib.Path, il_dir: pathlib.Path) -> t
     return role_sources(exports(method_dir / "rl", "rl"), got)
 
 
-def _policy(source: str, lora: str, c: Any, cache: dict):
-    """An LMPolicy over (model source, LoRA adapter); one model per distinct pair."""
+def _policy(source: str, lora: str, c: Any, cache: dict, hold_cache: bool = True):
+    """An LMPolicy over (model source, LoRA adapter); one model per distinct pair (``hold_cache``:
+    lm_policy.py; False for the reflector)."""
     from retroact_jax import sampling
     from retroact_jax.agent.lm_policy import LMPolicy
     from retroact_jax.stages import setup
@@ -71,7 +72,7 @@ def _policy(source: str, lora: str, c: Any, cache: dict):
                                                   **{n: v for n, v in kw.items() if v}), tok)
     sampler, tok = cache[(source, lora)]
     return LMPolicy(sampler, tok, incremental=bool(c.model.incremental),
-                    min_new_tokens=int(c.model.min_new_tokens))
+                    min_new_tokens=int(c.model.min_new_tokens), hold_cache=hold_cache)
 
 
 def model_sources(c: Any, model: str, method_dir: pathlib.Path, il_dir: pathlib.Path) -> tuple[str, str]:
@@ -101,7 +102,7 @@ def policies(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
     if m.reflector == methods_lib.PROMPTED:
         reflector_src = c.model.reflector or c.model.planner
     lora = "" if reflector_src != (c.model.reflector or c.model.planner) else c.model.reflector_lora
-    return planner, _policy(reflector_src, lora, c, cache)
+    return planner, _policy(reflector_src, lora, c, cache, hold_cache=False)
 
 
 def backbone_name(c: Any) -> str:

@@ -88,7 +88,7 @@ def build_policies(source: str, param_dtype: str = "float32"):
     models, tok, _ = setup.load_models(source, roles=("planner",), param_dtype=param_dtype)
     sampler = sampling.Sampler(models["planner"], pad_id=tok.pad_id if tok.pad_id is not None else 0,
                                eos_ids=tok.eos_ids)
-    return LMPolicy(sampler, tok), LMPolicy(sampler, tok)
+    return LMPolicy(sampler, tok), LMPolicy(sampler, tok, hold_cache=False)
 
 
 def exemplars(env_name: str, mcfg: ModelExpertConfig) -> tuple[str, str, set[int]]:

@@ -62,7 +62,7 @@ def policies(s: RLState, explore: bool):
     planner = LMPolicy(s.behaviour["planner"].sampler, s.t.tokenizer, **kw)
     if not s.reflector:
         return planner, None
-    return planner, LMPolicy(s.behaviour["reflector"].sampler, s.t.tokenizer, **kw)
+    return planner, LMPolicy(s.behaviour["reflector"].sampler, s.t.tokenizer, hold_cache=False, **kw)
 
 
 def agent_config(s: RLState, trials: int, temperature: float, reflector_temperature: float, seed: int):
