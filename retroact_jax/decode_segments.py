@@ -52,18 +52,24 @@ def _put_rows(cache: KVCache, logits_BxV, small: KVCache, small_logits_RxV, idx_
                     end=jnp.maximum(cache.end, small.end)), put(logits_BxV, small_logits_RxV))
 
 
+def _take_slots(a_BxSxKxH, idx_BxL):
+    sampling.TRACE_COUNTS["compact"] += 1
+    return jnp.take_along_axis(a_BxSxKxH, idx_BxL[:, :, None, None], axis=1)
+
+
+_take_slots_jit = jax.jit(_take_slots)
+
+
 def _compact(cache: KVCache, idx_BxL, n_B) -> KVCache:
     """Row b keeps the slots ``idx_BxL[b, :n_B[b]]`` (in order) at slots 0..n_B[b]-1; the rest
     are invalid, the write cursor is ``max(n_B)``. Keys carry their RoPE already and positions
-    count valid slots, so the kept tokens attend and continue exactly as before."""
-    sampling.TRACE_COUNTS["compact"] += 1
-    take = lambda a: jnp.take_along_axis(a, idx_BxL[:, :, None, None], axis=1)
+    count valid slots, so the kept tokens attend and continue exactly as before. Layer by layer
+    (``sampling.layerwise``): the input cache is consumed."""
     valid = jnp.arange(idx_BxL.shape[1], dtype=jnp.int32)[None, :] < n_B[:, None]
-    return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)), valid_BxS=valid,
-                   end=jnp.max(n_B).astype(jnp.int32))
+    k, v = sampling.layerwise(cache, _take_slots_jit, idx_BxL)
+    return KVCache(k=k, v=v, valid_BxS=valid, end=jnp.max(n_B).astype(jnp.int32))
 
 
-_compact_jit = jax.jit(_compact)
 _take_rows_jit = jax.jit(_take_rows)
 _put_rows_jit = jax.jit(_put_rows, donate_argnums=(0, 1))
 
@@ -81,7 +87,7 @@ def compact(sampler: "sampling.Sampler", state, keep, reserve: int = 0):
         if k.size and (k.min() < 0 or k.max() >= state.cache.length):
             raise sampling.SamplerError(f"compact(): row {i} keeps slots outside [0, {state.cache.length})")
         idx[i, :k.size], counts[i] = k, k.size
-    return state.replace(cache=_compact_jit(state.cache, jnp.asarray(idx), jnp.asarray(counts)))
+    return state.replace(cache=_compact(state.cache, jnp.asarray(idx), jnp.asarray(counts)))
 
 
 def generate_segments(sampler: "sampling.Sampler", state, key=None, max_new_tokens=32, *,

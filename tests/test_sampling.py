@@ -218,6 +218,36 @@ def test_compact_drops_holes_and_keeps_the_continuation(model):
         sampler.compact(small, [[0], [1], [64], []])
 
 
+def test_growth_and_compaction_copy_one_layer_at_a_time(model, monkeypatch):
+    """Growing or compacting the cache frees each old layer as soon as its copy exists: the live
+    arrays never hold more than the old cache plus one layer (a whole-cache copy held two caches:
+    +3 GB at 16 rows x 4,096 slots of SmolLM2-135M), the old state is consumed, and the copy is
+    the cache's (the compaction test above checks the continuation)."""
+    sampler, state, histories = _grown_episodes(model)
+    old = state.cache
+    layer = old.k[0].nbytes
+    base = sum(a.nbytes for a in jax.live_arrays())
+    peaks, layerwise = [], sampling.layerwise
+
+    def watched(cache, fn, *args):
+        def step(a, *xs):
+            out = fn(a, *xs)
+            out.block_until_ready()
+            peaks.append(sum(x.nbytes for x in jax.live_arrays()) - base)
+            return out
+        return layerwise(cache, step, *args)
+    monkeypatch.setattr(sampling, "layerwise", watched)
+    ref_k = np.asarray(old.k[-1])
+    valid = np.asarray(old.valid_BxS)
+    keep = [np.flatnonzero(valid[i]).tolist() for i in range(4)]
+    small = sampler.compact(state, keep, reserve=8)
+    assert all(a.is_deleted() for a in old.k + old.v)
+    np.testing.assert_array_equal(np.asarray(small.cache.k[-1])[1, :len(keep[1])], ref_k[1, keep[1]])
+    grown = sampler._fit(small, 100)
+    assert grown.cache.length == 128 and all(a.is_deleted() for a in small.cache.k + small.cache.v)
+    assert len(peaks) == 4 * model.cfg.num_layers and max(peaks) <= layer + 4096
+
+
 def test_long_extension_in_query_sub_chunks_equals_one_pass(model, monkeypatch):
     """An extension whose scores pass the budget runs as a scan over query sub-chunks: the same
     cache, positions and next-token logits as one pass (prefill, then an extension with holes)."""
