@@ -197,6 +197,19 @@ def extend_advance(sampler: "sampling.Sampler", batch: int, lengths, grouped: bo
     return sum(c for _, c in extend_plan(lengths, batch, sampler.batch_buckets, sampler.chunk_buckets))
 
 
+def stage_sizes(longest: int, chunk_buckets) -> list[int]:
+    """Chunk lengths that add ``longest`` tokens in pieces, each the largest chunk bucket that the
+    rest fills (then the smallest): at most the smallest bucket's padding, where one call pads to
+    the next bucket (2,314 tokens: 2,048 + 256 + 16 slots instead of 4,096), and an addition
+    longer than the largest bucket can be made."""
+    sizes, left = [], int(longest)
+    while left > 0:
+        fit = [b for b in chunk_buckets if b <= left]
+        sizes.append(max(fit) if fit else min(chunk_buckets))
+        left -= sizes[-1]
+    return sizes
+
+
 def _sharded(cache: KVCache) -> bool:
     return len(getattr(cache.k[0].sharding, "device_set", ())) > 1
 

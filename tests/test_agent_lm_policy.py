@@ -232,8 +232,8 @@ def test_a_completion_ending_on_eos_excludes_it(sampler_tok):
 
 def test_a_long_kept_row_and_a_long_addition_evict_the_cache_instead_of_failing(sampler_tok):
     """Additions are written after the longest kept row (one shared cursor): a row keeping 1,400
-    tokens and another adding 600 need 1,400 + 1,536 (chunk) + 16 slots, over the largest bucket
-    (2,048), although each context fits it alone. The policy drops every row's cache and re-prefills
+    tokens and another adding 700 need 1,400 + 700 (even in pieces) + 16 slots, over the largest
+    bucket (2,048), although each context fits it alone. The policy drops every row's cache and re-prefills
     them whole instead of failing (the Table 2 Reflexion eval stopped on "KV cache length = 5002
     exceeds the largest bucket 4096": a reflector row kept 2,000 tokens of its task's last prompt),
     with the completions of a full re-prefill."""
@@ -243,7 +243,7 @@ def test_a_long_kept_row_and_a_long_addition_evict_the_cache_instead_of_failing(
                                length_buckets=(256, 512, 1024, 2048), new_token_buckets=(16,))
     inc, ref = LMPolicy(sampler, tok), LMPolicy(sampler, tok, incremental=False)
     ctx = {"a": [Span("prompt", "x" * 1400)], "b": [Span("prompt", "Q: ")]}
-    for step, more in enumerate(({}, {"a": "y" * 5, "b": "z" * 600}, {"a": "u" * 5, "b": "w" * 5})):
+    for step, more in enumerate(({}, {"a": "y" * 5, "b": "z" * 700}, {"a": "u" * 5, "b": "w" * 5})):
         for k in ctx:
             if more.get(k):
                 ctx[k].append(Span("observation", more[k]))
@@ -295,3 +295,31 @@ def test_the_stages_reflectors_do_not_hold_their_cache(monkeypatch):
                                                           planner_lora="", reflector_lora=""))
     evaluate.policies(c, methods.get("retroact"), None, None, {})
     assert seen == [True, False]
+
+
+def test_an_addition_whose_chunk_padding_overflows_is_made_in_pieces(sampler_tok):
+    """One call pads an addition to its chunk bucket: a 2,314-token prompt takes a 4,096 chunk and,
+    with a 250-token budget, overflows the 4,096 cache (the Table 2 Reflexion eval, after the
+    eviction above). The policy extends such an addition in pieces (2,048 + 256 + 16 slots), which
+    also makes an addition longer than the largest chunk bucket possible; the completions equal a
+    full re-prefill's (a sampler with a larger chunk bucket)."""
+    from retroact_jax.decode_segments import stage_sizes
+    assert stage_sizes(2314, (16, 64, 256, 512, 1024, 2048, 4096)) == [2048, 256, 16]
+    assert stage_sizes(0, (16, 64)) == [] and stage_sizes(5, (16, 64)) == [16]
+    base, tok = sampler_tok
+    kw = dict(graphdef=base.graphdef, params=base.params, pad_id=0, eos_ids=(), batch_buckets=(4, 8),
+              new_token_buckets=(16,))
+    inc = LMPolicy(sampling.Sampler(chunk_buckets=(32, 128, 512, 1536), length_buckets=(256, 512, 1024, 2048),
+                                    **kw), tok)
+    ref = LMPolicy(sampling.Sampler(chunk_buckets=(32, 128, 512, 2048), length_buckets=(2048, 4096), **kw),
+                   tok, incremental=False)
+    ctx = {"a": [Span("prompt", "x" * 1700)], "b": [Span("prompt", "Q: ")]}
+    for step in range(2):
+        reqs = [Request(k, list(ctx[k])) for k in ctx]
+        a, b = inc.generate(reqs, ["\n"], 16, 0.0), ref.generate(reqs, ["\n"], 16, 0.0)
+        for k, x, y in zip(ctx, a, b):
+            assert (x.text, x.token_ids) == (y.text, y.token_ids)
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=2e-4)
+            ctx[k].append(Span("generated", x.text, x.token_ids, x.logprobs))
+            ctx[k].append(Span("observation", "\nok"))
+    assert inc.stats["staged"] == 1 and inc.stats["evictions"] == 0 and inc.state.cache.length == 2048

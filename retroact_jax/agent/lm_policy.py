@@ -20,7 +20,9 @@ and scoring tokenise the same text, batching.tokenize_sample) and compared with 
   bucket, the holes are dropped by a gather (``Sampler.compact``): the cache stays near the
   longest live row, which is what every decode step reads. When the longest kept row plus the
   longest addition would overflow the largest bucket (every addition is written after the longest
-  kept row), every row's cache is dropped and re-prefilled whole (``stats["evictions"]``).
+  kept row), every row's cache is dropped and re-prefilled whole (``stats["evictions"]``); when one
+  chunk's padding still overflows it, the additions are made in pieces (``stats["staged"]``,
+  ``decode_segments.stage_sizes``).
 
 ``hold_cache=False`` frees the cache when its last row is released: for a policy whose rows are all
 released after each call (the reflector: one call per failed trial), a cache kept between calls
@@ -51,7 +53,7 @@ import numpy as np
 from retroact_jax import sampling
 from retroact_jax.agent.policy import Completion, Request, cut_at_stop
 from retroact_jax.agent.spans import render
-from retroact_jax.decode_segments import extend_advance
+from retroact_jax.decode_segments import extend_advance, stage_sizes
 
 
 @dataclasses.dataclass
@@ -86,7 +88,7 @@ class LMPolicy:
         self._params = getattr(sampler, "params", None)   # the weights the cache rows were computed with
         self._stop_masks: dict[tuple[str, ...], tuple[np.ndarray, list]] = {}
         self.stats = {"calls": 0, "prefill_tokens": 0, "reused_tokens": 0, "rolled_back": 0,
-                      "compactions": 0, "new_tokens": 0, "evictions": 0}
+                      "compactions": 0, "new_tokens": 0, "evictions": 0, "staged": 0}
 
     # ------------------------------------------------------------------------------ interface
     def count_tokens(self, text: str) -> int:
@@ -216,12 +218,9 @@ class LMPolicy:
         live = [r.slots if r.key is not None else [] for r in self.rows]
         most = max(map(len, live))
         lengths = [len(todo.get(i, [])) for i in range(self.state.num_rows)]
-        grouped = True                    # long additions in a sub-batch first, if that fits the
-        chunk = extend_advance(self.sampler, self.state.cache.batch, lengths)   # largest cache bucket
-        if most + chunk + max_new > max(self.sampler.length_buckets):
-            grouped = False
-            chunk = extend_advance(self.sampler, self.state.cache.batch, lengths, grouped=False)
-        if most + chunk + max_new > max(self.sampler.length_buckets):
+        top = max(self.sampler.length_buckets) - max_new
+        grouped, chunk, stages = self._plan(lengths, most, top)
+        if most + chunk > top and most:
             # every addition is written after the longest kept row (one shared cursor): a long kept
             # prefix plus another row's long addition can overflow the largest bucket although each
             # context fits it alone (the Table 2 Reflexion eval: 2,002 kept + 2,750 added + 250).
@@ -234,10 +233,7 @@ class LMPolicy:
                 r.ids, r.slots = [], []
             live, most = [[] for _ in self.rows], 0
             lengths = [len(todo.get(i, [])) for i in range(self.state.num_rows)]
-            chunk = extend_advance(self.sampler, self.state.cache.batch, lengths)
-            grouped = most + chunk + max_new <= max(self.sampler.length_buckets)
-            if not grouped:
-                chunk = extend_advance(self.sampler, self.state.cache.batch, lengths, grouped=False)
+            grouped, chunk, stages = self._plan(lengths, most, top)
             self.stats["evictions"] += 1
         end, length = int(self.state.cache.end), self.state.cache.length
         room = most + chunk + max_new
@@ -257,13 +253,34 @@ class LMPolicy:
         new = [todo.get(i, []) for i in range(self.state.num_rows)]
         if any(new):
             before = np.asarray(self.state.cache.valid_BxS)
-            self.state = self.sampler.extend(self.state, new, grouped=grouped)
+            if stages is None:
+                self.state = self.sampler.extend(self.state, new, grouped=grouped)
+            else:
+                at = 0
+                for size in stages:
+                    self.state = self.sampler.extend(self.state, [x[at:at + size] for x in new], grouped=False)
+                    at += size
+                self.stats["staged"] += 1
             slots = self._new_slots(before)
             for i, x in enumerate(new):
                 if x:
                     self.rows[i].ids.extend(x)
                     self.rows[i].slots.extend(slots[i][-len(x):])
                     self.stats["prefill_tokens"] += len(x)
+
+    def _plan(self, lengths: list[int], most: int, top: int) -> tuple[bool, int, list[int] | None]:
+        """(grouped, slots the cursor advances, piece sizes or None) of extending rows by ``lengths``
+        after ``most`` kept slots, fitting ``top`` if it can: long additions in a sub-batch first
+        (``extend_plan``), else one whole-batch call, else pieces that pad at most to the smallest
+        chunk bucket (a 2,314-token prompt pads to the 4,096 chunk in one call; an addition longer
+        than the largest chunk bucket needs pieces)."""
+        if max(lengths, default=0) <= max(self.sampler.chunk_buckets):
+            for grouped in (True, False):
+                chunk = extend_advance(self.sampler, self.state.cache.batch, lengths, grouped=grouped)
+                if most + chunk <= top:
+                    return grouped, chunk, None
+        stages = stage_sizes(max(lengths, default=0), self.sampler.chunk_buckets)
+        return False, sum(stages), stages
 
     def _rebuild(self, extra: int, pending: dict | None = None) -> None:
         """A fresh state: one prefill of every row's ids (+ ``pending`` additions), ``extra`` new rows."""
