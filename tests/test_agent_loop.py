@@ -115,6 +115,29 @@ def test_hotpotqa_trials_reflections_all_memory_and_step_limit():
     assert roles == ["prompt", "observation", "generated", "observation"]
 
 
+def test_reflections_in_groups_of_reflector_rows_equal_one_call():
+    """``reflector_rows``: the failed trials of a round are reflected in calls of at most that many
+    rows (a smaller reflector cache), each group released before the next; the records equal one
+    call's."""
+    def script(call):
+        i, trial, role = call.key
+        if role == "reflector":
+            return f" reflection {i}-{trial}\n"
+        if call.prompt.endswith(":") and "Thought" in call.prompt.rsplit("\n", 1)[-1]:
+            return " I think.\n"
+        return f" Finish[{i}]\n" if trial >= 3 else " Finish[wrong]\n"
+
+    got = []
+    for rows in (0, 2):
+        planner, reflector = ScriptedPolicy(script), ScriptedPolicy(script)
+        _, recs = _run(protocols.protocol_for("hotpotqa"), _slots(FakeQA, 5), planner, reflector,
+                       tasks=FakeQA().tasks[:3], trials=4, batch_size=3, reflector_rows=rows)
+        got.append((recs, reflector.batch_sizes))
+    (one, sizes_one), (groups, sizes_groups) = got
+    assert sizes_one == [3, 3] and sizes_groups == [2, 1, 2, 1]
+    assert one == groups and len(one) == 9
+
+
 def test_hotpotqa_reflector_input_is_truncated_to_1600_tokens():
     long = "word " * 2000
 

@@ -188,6 +188,32 @@ def test_validation_eval_shares_the_run_dir_with_the_test_eval(table):
 
 
 @pytest.mark.slow
+def test_execution_settings_do_not_redo_finished_stages_or_evals(table, tmp_path):
+    """Rows per reflector / scoring call and the progress bar say how a stage runs, not what it
+    computes: a finished stage or eval is not redone when only they change; another setting is
+    still a different stage."""
+    import copy
+    d, c, _ = table
+    run = pathlib.Path(c.run_dir)
+    done = sorted(run.glob("*/rl/rl_summary.json")) + sorted(run.glob("*/eval/results.json"))
+    stamps = [p.stat().st_mtime_ns for p in done]
+    v = tiny_table_config(d, c.methods)
+    v.publish = str(tmp_path / "published")
+    v.rl.collect.update(score_rows=1, reflector_rows=1)
+    v.eval.update(reflector_rows=1, progress=True)
+    pipeline.resolve(v)
+    validate.validate(v)
+    pipeline.run(v)
+    assert len(done) == 5 and [p.stat().st_mtime_ns for p in done] == stamps
+    sc = pipeline.stage_config(v, "rl", methods.get("sft_rl")).to_dict()
+    other = copy.deepcopy(sc)
+    other["collect"]["reflector_rows"] += 2
+    assert pipeline._what(sc) == pipeline._what(other)
+    other["collect"]["batch_size"] += 1
+    assert pipeline._what(sc) != pipeline._what(other)
+
+
+@pytest.mark.slow
 def test_progress_carries_a_run_to_a_fresh_machine(table, tmp_path):
     """save -> (the machine is lost) -> restore: the merged exports are rebuilt byte for byte from the
     LoRA adapters, and the table's command skips every finished stage and eval."""

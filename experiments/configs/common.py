@@ -60,6 +60,7 @@ def base(env: str) -> mlc.ConfigDict:
     c.eval.cache_buckets = ""        # sampler KV-cache lengths / extension chunk lengths, comma lists
     c.eval.chunk_buckets = ""        #   ("" = powers of two); fewer = fewer compilations, more padding
     c.eval.env_workers = 4           # threads or worker processes stepping the envs
+    c.eval.reflector_rows = 0        # failed trials per reflector call (0: all at once; fewer: less memory)
     c.eval.num_examples = 2          # few-shot exemplars (react / reflexion)
     c.eval.progress = True           # tqdm progress bar
     c.eval.compare = ""              # also evaluated on the same tasks, printed beside the trained model

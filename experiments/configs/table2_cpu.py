@@ -64,12 +64,12 @@ def get_config():
     c.eval.env_workers = 4               # threads / processes stepping the envs
     c.eval.num_examples = 2              # few-shot exemplars of ReAct / Reflexion
     c.eval.cache_buckets = "1024,2048,4096"     # few KV-cache lengths: few compiles
-    c.eval.chunk_buckets = "16,64,256,512,1024,2048,4096"  # prefill / extension chunk lengths: a prompt must
-                                         #   fit one chunk (Reflexion's reflector prompt: exemplars ~500 +
-                                         #   a HotpotQA scratchpad up to 1600 tokens; a 4096 chunk at 16
-                                         #   rows holds ~10 GB of attention scores: rare, but watch RSS;
-                                         #   512: what a new episode adds past the few-shot prefix its
-                                         #   row already holds, a reflection prompt's scratchpad)
+    c.eval.chunk_buckets = "16,64,256,512,1024,2048,4096"  # prefill / extension chunk lengths (an
+                                         #   addition whose padding would overflow the cache is made in
+                                         #   pieces; 512: what a new episode adds past the few-shot prefix
+                                         #   its row already holds, a reflection prompt's scratchpad)
+    c.eval.reflector_rows = 4            # failed trials per reflector call: its cache is 4 rows (0.75 GB
+                                         #   at 4,096 slots), not the 16 tasks in flight (3 GB)
     # --- IL: every method's start; LoRA r 8 q/v, rows over 1536 tokens dropped (a truncated row loses
     # its end: the answer, the submit, the reflection), loss on what the agent writes (observations
     # masked: the quickstart's finding), lr 1e-3 (LoRA; the quickstart's), capped steps for the budget
@@ -101,6 +101,7 @@ def get_config():
     c.rl.collect.cache_buckets = c.eval.cache_buckets   # the eval's shapes: compiles shared
     c.rl.collect.chunk_buckets = c.eval.chunk_buckets
     c.rl.collect.score_rows = 2          # behaviour scoring 2 rows at a time (8 x 2048: 1.4 GB of temp)
+    c.rl.collect.reflector_rows = c.eval.reflector_rows   # as the eval's
     c.rl.replay.max_tokens = 1536        # rows longer than the largest train bucket are dropped
     c.rl.optimizer.learning_rate = 1e-4  # the original's RL rate
     c.rl.optimizer.warmup_steps = 5      # linear warmup steps

@@ -42,6 +42,8 @@ class AgentConfig:
     planner_max_tokens: int | None = None
     reflector_max_tokens: int | None = None
     memory_last: int | str | None = "default"   # "default": the protocol's; None: all; n: last n
+    reflector_rows: int = 0          # failed trials per reflector call (0: all at once); fewer = a
+                                     #   smaller reflector cache (16 rows x 4,096 slots of SmolLM2: 3 GB)
 
 
 def _seed(*parts) -> int:
@@ -254,9 +256,12 @@ class TrialRunner:
             prompts.append(text)
             reqs.append(Request((ep.state.task.index, ep.trial, "reflector"), [Span("prompt", text)],
                                 _seed(self.cfg.seed, ep.state.task.index, ep.trial, "r")))
-        comps = self.reflector.generate(reqs, list(self.p.reflector_stop),
-                                        self.p.reflector_max_tokens, self.cfg.reflector_temperature)
-        self.reflector.release([r.key for r in reqs])
+        n = int(self.cfg.reflector_rows) or len(reqs)
+        comps = []
+        for i in range(0, len(reqs), n):            # a group's rows are released before the next
+            comps += self.reflector.generate(reqs[i:i + n], list(self.p.reflector_stop),
+                                             self.p.reflector_max_tokens, self.cfg.reflector_temperature)
+            self.reflector.release([r.key for r in reqs[i:i + n]])
         for ep, text, c in zip(need, prompts, comps):
             spans = [Span("prompt", text), Span("generated", c.text, c.token_ids, c.logprobs)]
             ep.reflection = {"text": _reflection_text(c.text, self.p.reflector_stop),

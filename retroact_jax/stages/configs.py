@@ -149,6 +149,7 @@ def rl_config() -> mlc.ConfigDict:
     c.collect.planner_max_tokens = 0  # 0: the protocol's default
     c.collect.reflector_max_tokens = 0
     c.collect.score_rows = 8          # rows per behaviour-scoring call
+    c.collect.reflector_rows = 0      # failed trials per reflector call (0: all at once; fewer: less memory)
     c.collect.batch_buckets = ""      # sampler / scorer shape buckets, comma lists ("" = powers of two);
     c.collect.chunk_buckets = ""      #   fewer buckets = fewer compilations, more padding
     c.collect.cache_buckets = ""      #   (KV-cache lengths)

@@ -165,7 +165,8 @@ def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
         seed=c.eval.seed, env_workers=c.eval.env_workers, max_steps=c.eval.max_steps or None,
         planner_max_tokens=c.eval.planner_max_tokens or None,
         reflector_max_tokens=c.eval.reflector_max_tokens or None,
-        memory_last="default" if c.eval.memory_last < 0 else c.eval.memory_last)
+        memory_last="default" if c.eval.memory_last < 0 else c.eval.memory_last,
+        reflector_rows=int(c.eval.reflector_rows))
     out = eval_dir(method_dir, model, c.split)
     out.mkdir(parents=True, exist_ok=True)
     # several processes: each plays its share of the tasks (in out/process-<p>-of-<N>/), the records

@@ -21,6 +21,7 @@ The run-time fields of each stage's config are derived here from the top-level c
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pathlib
@@ -100,9 +101,27 @@ def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
     return sc
 
 
+# How a stage runs, not what it computes: a finished stage or eval whose config differs from the
+# current one only in these settings is not redone (rows per scoring / reflector call, a progress bar).
+EXECUTION_ONLY = ("collect.score_rows", "collect.reflector_rows", "eval.reflector_rows", "eval.progress")
+
+
+def _what(cfg: dict) -> dict:
+    """``cfg`` without its ``EXECUTION_ONLY`` settings."""
+    out = copy.deepcopy(cfg)
+    for key in EXECUTION_ONLY:
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
+def _same(f: pathlib.Path, cfg: dict) -> bool:
+    return f.exists() and _what(json.loads(f.read_text())) == _what(cfg)
+
+
 def _finished(d: pathlib.Path, name: str, cfg: dict) -> bool:
-    f = d / "stage_config.json"
-    return distributed.agree((d / f"{name}_summary.json").exists() and f.exists() and json.loads(f.read_text()) == cfg)
+    return distributed.agree((d / f"{name}_summary.json").exists() and _same(d / "stage_config.json", cfg))
 
 
 def _write(path: pathlib.Path, text: str) -> None:
@@ -154,7 +173,7 @@ def run_eval(c: Any, m: methods_lib.Method, model: str = "trained") -> dict:
     d = method_dir(c, m)
     out = evaluate.eval_dir(d, model, c.split)
     f = out / "stage_config.json"
-    if distributed.agree((out / "results.json").exists() and f.exists() and json.loads(f.read_text()) == eval_config(c)):
+    if distributed.agree((out / "results.json").exists() and _same(f, eval_config(c))):
         log.info("%s: eval finished in %s, skipped", m.name, out)
         return distributed.agree(json.loads((out / "results.json").read_text()) if distributed.is_main() else None)
     got = _measured(c, f"{m.run_name(m.multi_agent(c.multi_agent))}/{out.name}", evaluate.run_eval, c, m, d,

@@ -73,7 +73,8 @@ def agent_config(s: RLState, trials: int, temperature: float, reflector_temperat
                             batch_size=int(c.collect.batch_size), env_workers=int(c.collect.env_workers),
                             max_steps=int(c.collect.max_steps) or None,
                             planner_max_tokens=int(c.collect.planner_max_tokens) or None,
-                            reflector_max_tokens=int(c.collect.reflector_max_tokens) or None)
+                            reflector_max_tokens=int(c.collect.reflector_max_tokens) or None,
+                            reflector_rows=int(c.collect.reflector_rows))
 
 
 def collect(s: RLState) -> tuple[list[dict], dict]:

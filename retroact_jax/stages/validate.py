@@ -86,6 +86,7 @@ def top_level(c: Any) -> None:
     if c.rl_schedule and c.rl_schedule not in SCHEDULES:
         raise _fail("rl_schedule", c.rl_schedule, f"'' or one of {', '.join(SCHEDULES)}")
     _at_least(c, "", ("eval.trials", "eval.batch_size", "eval.env_workers"), 1)
+    _at_least(c, "", ("eval.reflector_rows",), 0)
     _at_least(c, "", ("model.min_new_tokens", "eval.num_tasks", "eval.start_task", "eval.max_steps",
                       "eval.planner_max_tokens",
                       "eval.reflector_max_tokens", "eval.num_examples", "eval.temperature",
@@ -207,7 +208,8 @@ def rl_stage(sc: Any) -> None:
     _at_least(sc, p, ("train.il_rows_planner", "train.il_rows_reflector", "train.checkpoint_every",
                       "collect.tasks_per_iteration", "collect.max_steps", "collect.planner_max_tokens",
                       "collect.reflector_max_tokens", "collect.temperature", "collect.reflector_temperature",
-                      "eval.every", "eval.temperature", "train.max_update_ratio"), 0)
+                      "eval.every", "eval.temperature", "train.max_update_ratio",
+                      "collect.reflector_rows"), 0)
     if not 0.0 < sc.collect.top_p <= 1.0:
         raise _fail(f"{p}collect.top_p", sc.collect.top_p, "must be in (0, 1]")
     if sc.train.alpha <= 0:
