@@ -105,8 +105,8 @@ def generate_segments(sampler: "sampling.Sampler", state, key=None, max_new_toke
         return sampler.generate(state, key, mx[:rows], temperature=temperature, top_p=top_p,
                                 stop_mask=stop_mask, stop_seqs=stop_seqs, eos_ids=eos_ids,
                                 min_new_tokens=mn[:rows])
-    state = sampler._fit(state, int(state.cache.end) + total)     # no growth between segments
     args = sampler._decode_args(key, mx, mn, stop_mask, stop_seqs, eos_ids, temperature, top_p)
+    state = sampler._fit(state, int(state.cache.end) + total)     # no growth between segments
     key, fixed = args[0], args[3:]
     n_seg = sampling.bucket(segment, sampler.new_token_buckets, "segment")
     tokens = np.full((b, total), sampler.pad_id, np.int32)

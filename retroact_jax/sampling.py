@@ -391,8 +391,8 @@ class Sampler:
         mx = self._budgets(max_new_tokens, state.num_rows, state.cache.batch)
         mn = self._budgets(min_new_tokens, state.num_rows, state.cache.batch, "min_new_tokens")
         n_max = bucket(int(mx.max(initial=0)) or 1, self.new_token_buckets, "max_new_tokens")
-        state = self._fit(state, int(state.cache.end) + int(mx.max(initial=0)))
         args = self._decode_args(key, mx, mn, stop_mask, stop_seqs, eos_ids, temperature, top_p)
+        state = self._fit(state, int(state.cache.end) + int(mx.max(initial=0)))   # consumes the cache
         cache, logits, tokens, logp, lengths = _decode_jit(
             self.graphdef, self.params, state.cache, state.last_logits_BxV, *args,
             n_max=n_max, pad_id=self.pad_id)[:5]

@@ -323,3 +323,10 @@ def test_an_addition_whose_chunk_padding_overflows_is_made_in_pieces(sampler_tok
             ctx[k].append(Span("generated", x.text, x.token_ids, x.logprobs))
             ctx[k].append(Span("observation", "\nok"))
     assert inc.stats["staged"] == 1 and inc.stats["evictions"] == 0 and inc.state.cache.length == 2048
+    # an addition that fits one chunk (2,048) whose padding overflows the cache with the budget
+    inc = LMPolicy(sampling.Sampler(chunk_buckets=(32, 128, 512, 2048), length_buckets=(256, 512, 1024, 2048),
+                                    **kw), tok)
+    reqs = [Request("c", [Span("prompt", "y" * 1100)]), Request("d", [Span("prompt", "R: ")])]
+    a, b = inc.generate(reqs, ["\n"], 16, 0.0), ref.generate(reqs, ["\n"], 16, 0.0)
+    assert [(x.text, x.token_ids) for x in a] == [(y.text, y.token_ids) for y in b]
+    assert inc.stats["staged"] == 1 and inc.state.cache.length == 2048

@@ -256,6 +256,8 @@ class TrialRunner:
             prompts.append(text)
             reqs.append(Request((ep.state.task.index, ep.trial, "reflector"), [Span("prompt", text)],
                                 _seed(self.cfg.seed, ep.state.task.index, ep.trial, "r")))
+        if int(self.cfg.reflector_rows) < 0:
+            raise ValueError(f"reflector_rows must be >= 0, got {self.cfg.reflector_rows}")
         n = int(self.cfg.reflector_rows) or len(reqs)
         comps = []
         for i in range(0, len(reqs), n):            # a group's rows are released before the next

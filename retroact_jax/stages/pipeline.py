@@ -101,8 +101,10 @@ def stage_config(c: Any, stage: str, m: methods_lib.Method) -> mlc.ConfigDict:
     return sc
 
 
-# How a stage runs, not what it computes: a finished stage or eval whose config differs from the
-# current one only in these settings is not redone (rows per scoring / reflector call, a progress bar).
+# How a stage runs: a finished stage or eval whose config differs from the current one only in these
+# settings is not redone (rows per scoring / reflector call, a progress bar). They change no greedy
+# output beyond float rounding; sampled draws (temperature > 0: RL collection) depend on a call's
+# rows, as on the batch's composition already, and are as reproducible.
 EXECUTION_ONLY = ("collect.score_rows", "collect.reflector_rows", "eval.reflector_rows", "eval.progress")
 
 
