@@ -16,7 +16,7 @@ cache length -> ``length_buckets`` (the cache is grown by copying into the next 
 would overflow it; past the last bucket a ``SamplerError`` is raised), new tokens ->
 ``new_token_buckets``. The cache (``decoder.KVCache``: per layer ``[B, S, K, H]``) is donated: a
 state passed to ``extend`` / ``generate`` / ``compact`` (or grown by them) must not be used again.
-Growth and compaction copy one layer at a time and free each old layer (``layerwise``), so they
+Growth and compaction copy one layer at a time and free each old layer (``decode_segments.layerwise``), so they
 need one layer more than the cache, not a second cache.
 
 Decoding: at each step every unfinished row samples one token from its current logits, the token is
@@ -201,41 +201,6 @@ def _prefill_decode(graphdef, params, cache, last_logits_BxV, tokens_BxT, valid_
                    eos_E, temperature, top_p, n_max=n_max, pad_id=pad_id)[:5]
 
 
-def layerwise(cache: KVCache, fn, *args) -> tuple[tuple, tuple]:
-    """(k, v): ``fn(layer, *args)`` applied to each layer's keys / values in turn, each input layer
-    deleted as soon as its output exists. One jit over the whole cache holds the old and the new
-    cache at once (a gather or a pad cannot write in place, and XLA on CPU does not reuse a donated
-    layer's buffer for the next layer's output): 3 GB more at 16 rows x 4,096 slots of SmolLM2-135M.
-    This holds one layer more. The input cache is consumed, as a donated one."""
-    out = []
-    for group in (cache.k, cache.v):
-        new = []
-        for a in group:
-            b = fn(a, *args)
-            b.block_until_ready()        # the old layer is freed before the next one is made
-            if not a.is_deleted():
-                a.delete()
-            new.append(b)
-        out.append(tuple(new))
-    return out[0], out[1]
-
-
-def _pad_slots(a_BxSxKxH, extra: int):
-    TRACE_COUNTS["grow"] += 1
-    return jnp.pad(a_BxSxKxH, ((0, 0), (0, extra), (0, 0), (0, 0)))
-
-
-_pad_slots_jit = jax.jit(_pad_slots, static_argnums=1)
-
-
-def _grow(cache: KVCache, length: int) -> KVCache:
-    """The cache in ``length`` slots (new slots invalid), layer by layer (``layerwise``)."""
-    extra = length - cache.length
-    valid = jnp.pad(cache.valid_BxS, ((0, 0), (0, extra)))
-    k, v = layerwise(cache, _pad_slots_jit, extra)
-    return KVCache(k=k, v=v, valid_BxS=valid, end=cache.end)
-
-
 _extend_jit = jax.jit(_extend, static_argnums=0, donate_argnums=(2, 3))
 _decode_jit = jax.jit(_decode, static_argnums=0, static_argnames=("n_max", "pad_id"),
                       donate_argnums=(2, 3))
@@ -301,7 +266,8 @@ class Sampler:
         if need <= state.cache.length:
             return state
         length = bucket(need, self.length_buckets, "KV cache length (slots used + new)")
-        return state.replace(cache=_grow(state.cache, length))
+        from retroact_jax.decode_segments import grow
+        return state.replace(cache=grow(state.cache, length))
 
     @staticmethod
     def _budgets(max_new_tokens, num_rows: int, batch: int, what: str = "max_new_tokens") -> np.ndarray:

@@ -227,7 +227,8 @@ def test_growth_and_compaction_copy_one_layer_at_a_time(model, monkeypatch):
     old = state.cache
     layer = old.k[0].nbytes
     base = sum(a.nbytes for a in jax.live_arrays())
-    peaks, layerwise = [], sampling.layerwise
+    from retroact_jax import decode_segments
+    peaks, layerwise = [], decode_segments.layerwise
 
     def watched(cache, fn, *args):
         def step(a, *xs):
@@ -236,7 +237,7 @@ def test_growth_and_compaction_copy_one_layer_at_a_time(model, monkeypatch):
             peaks.append(sum(x.nbytes for x in jax.live_arrays()) - base)
             return out
         return layerwise(cache, step, *args)
-    monkeypatch.setattr(sampling, "layerwise", watched)
+    monkeypatch.setattr(decode_segments, "layerwise", watched)
     ref_k = np.asarray(old.k[-1])
     valid = np.asarray(old.valid_BxS)
     keep = [np.flatnonzero(valid[i]).tolist() for i in range(4)]
