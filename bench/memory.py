@@ -14,6 +14,8 @@ Parts:
 * ``score``: the behaviour scorer at (8 rows x 512) and (1 x 2048).
 * ``sample``: the sampler's extension (prefill) at batch 32 / 8 into a 2048-slot cache, default and
   blockwise attention: KV cache MB and temp MB.
+* ``executables``: RSS per compiled sampler executable at 2 layers and at the model's depth, what
+  releasing them frees, and the seconds to read them back from the persistent cache.
 * ``rss``: peak RSS of one LoRA train step (``--rss_batch`` x ``--rss_seq``, default the quickstart's
   1 x 768) in child processes: ours with ``remat`` none and layer, transformers + peft (the
   reference), measured in the same run by ``bench.train``'s memory child.
@@ -141,6 +143,59 @@ def part_sample(source: str) -> dict:
     return out
 
 
+def part_executables(source: str, cache_dir: str) -> dict:
+    """RSS held per compiled sampler extension (8 shapes: batch 8 / 4 x chunk 16-128 into 512 slots)
+    at 2 layers and at the model's depth (the decoder unrolls its layers: code grows with depth),
+    what ``jax.clear_caches`` frees (``metrics.release_compiled``), and the cost of reading them back
+    from the persistent compilation cache afterwards (``--compiled_budget_gb`` of experiments.run)."""
+    import gc
+    from flax import nnx
+    from retroact_jax import metrics, sampling
+    from retroact_jax.stages import setup as stages
+    from retroact_jax.models.decoder import Decoder, KVCache
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "executables"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    _, _, cfg0 = stages.load_models(source, roles=("planner",))
+
+    def rss():
+        gc.collect()
+        metrics._release_free_heap()
+        return metrics.rss_gb()[0]
+
+    def calls(gd, st, cfg):
+        t0 = time.time()
+        for B in (8, 4):
+            for T in (16, 32, 64, 128):
+                out = sampling._extend_jit(gd, st, KVCache.init(cfg, B, 512), jnp.zeros((B, cfg.vocab_size)),
+                                           jnp.ones((B, T), jnp.int32), jnp.ones((B, T), bool))
+                jax.block_until_ready(out)
+                del out
+        return time.time() - t0
+
+    import jax.numpy as jnp
+    out = {}
+    for layers in sorted({2, cfg0.num_layers}):
+        cfg = cfg0.replace(num_layers=layers)
+        gd, st = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+        jax.clear_caches()
+        r0 = rss()
+        wall = calls(gd, st, cfg)                        # compiles (and writes the persistent cache)
+        r1 = rss()
+        metrics.release_compiled()
+        r2 = rss()
+        wall_again = calls(gd, st, cfg)                  # retraced, read back from the cache
+        r3 = rss()
+        out[f"layers_{layers}"] = {
+            "mb_per_executable": round((r1 - r0) * 1000 / 8, 1),
+            "freed_by_release_mb": round((r1 - r2) * 1000, 1),
+            "compile_s_per_executable": round(wall / 8, 2),
+            "reload_s_per_executable": round(wall_again / 8, 2),
+            "mb_per_reloaded_executable": round((r3 - r2) * 1000 / 8, 1)}
+        print(f"[memory] executables layers={layers}: {out[f'layers_{layers}']}", file=sys.stderr)
+        metrics.release_compiled()
+    return out
+
+
 def part_rss(batch: int, seq: int, threads: int) -> dict:
     """Peak RSS of a LoRA train step of ``batch`` x ``seq`` tokens, each in its own child process
     (``bench.train``'s memory child: RSS over the framework's import baseline, first step and
@@ -176,7 +231,7 @@ def part_quickstart(run_dir: str, cache_dir: str, extra: list[str]) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="train", help="comma list of train, score, sample, rss, quickstart")
+    ap.add_argument("--parts", default="train", help="comma list of train, score, sample, executables, rss, quickstart")
     ap.add_argument("--source", default="embedded", help="model source (tiny-random for a smoke run)")
     ap.add_argument("--settings", default=",".join(s[0] for s in TRAIN_SETTINGS))
     ap.add_argument("--shapes", default=",".join(TRAIN_SHAPES))
@@ -201,12 +256,14 @@ def main(argv=None) -> None:
             result["score"] = part_score(a.source)
         elif p == "sample":
             result["sample"] = part_sample(a.source)
+        elif p == "executables":
+            result["executables"] = part_executables(a.source, a.cache_dir)
         elif p == "rss":
             result["train_step_rss"] = part_rss(a.rss_batch, a.rss_seq, a.threads)
         elif p == "quickstart":
             result["quickstart"] = part_quickstart(a.run_dir, a.cache_dir, a.quickstart_args.split())
         else:
-            raise SystemExit(f"unknown part {p!r}: train, score, sample, rss, quickstart")
+            raise SystemExit(f"unknown part {p!r}: train, score, sample, executables, rss, quickstart")
     result["loadavg_end"] = os.getloadavg()
     print(json.dumps(result))
 

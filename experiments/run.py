@@ -28,12 +28,17 @@ _HEARTBEAT = flags.DEFINE_integer(
 _COMPILE_CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/retroact_jax/xla",
     "persistent XLA compilation cache directory ('' = off): later runs skip recompiling")
+_COMPILED_BUDGET = flags.DEFINE_float(
+    "compiled_budget_gb", 0.0, "GB of compiled executables (RSS no live array holds) kept before "
+    "they are all released between model calls and reread from --compilation_cache (0 = keep all)")
 
 
 def main(argv) -> None:
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
     if len(argv) > 1:
         cli.die(f"unexpected arguments: {argv[1:]}")
+    if not _COMPILED_BUDGET.value >= 0:
+        cli.die(f"--compiled_budget_gb must be >= 0, got {_COMPILED_BUDGET.value}")
     from retroact_jax.stages import pipeline, validate
     with cli.user_errors():
         c = cli.load_config(_CONFIG)
@@ -43,6 +48,7 @@ def main(argv) -> None:
                  heartbeat_timeout_s=_HEARTBEAT.value)
     from retroact_jax import metrics
     metrics.compile_counters()          # count compile time from before the first stage
+    metrics.set_compiled_budget(_COMPILED_BUDGET.value)
     with cli.user_errors():
         pipeline.run(c)
 

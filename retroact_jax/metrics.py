@@ -251,6 +251,61 @@ def _release_free_heap() -> None:
         pass
 
 
+# ------------------------------------------------------------------ compiled code's share of memory
+# Every executable stays in JAX's caches with its traces for the life of the process: ~40-50 MB of
+# RSS per sampler function of SmolLM2-135M (30 layers, unrolled: ~1 MB a layer; bench/README.md), so
+# a Table 2 eval's ~110 shapes hold ~2.5 GB that no array accounts for. ``bound_compiled`` drops them
+# all (``jax.clear_caches``) at a safe point once they pass a budget; the functions used next are
+# retraced and read back from the persistent compilation cache (a few seconds each).
+_COMPILED = {"budget_gb": 0.0, "floor_gb": 0.0, "releases": 0, "released_gb": 0.0}
+
+
+def set_compiled_budget(gb: float) -> None:
+    """Let compiled code (RSS not held by live arrays, above its level now or after the last release)
+    grow to ``gb`` before ``bound_compiled`` releases it; 0 = never (the library's default)."""
+    if not gb >= 0:
+        raise ValueError(f"compiled budget must be >= 0 GB, got {gb}")
+    _COMPILED["budget_gb"] = float(gb)
+    _COMPILED["floor_gb"] = _unheld_gb()
+
+
+def _unheld_gb() -> float:
+    """GB of this process's RSS that no live JAX array accounts for: the runtime, host data, and
+    compiled executables with their traces."""
+    return rss_gb()[0] - live_array_gb()
+
+
+def release_compiled() -> float:
+    """Drop every compiled executable and JAX's trace / lowering caches (``jax.clear_caches``) and
+    hand the freed heap back; returns the GB of RSS freed. Only between jitted calls."""
+    before = rss_gb()[0]
+    jax.clear_caches()
+    gc.collect()
+    _release_free_heap()
+    freed = max(0.0, before - rss_gb()[0])
+    _COMPILED["releases"] += 1
+    _COMPILED["released_gb"] += freed
+    _COMPILED["floor_gb"] = _unheld_gb()
+    return freed
+
+
+def bound_compiled() -> bool:
+    """At a safe point (no trace in progress): ``release_compiled`` when the RSS that no live array
+    holds exceeds its floor by more than the budget. True when it released."""
+    budget = _COMPILED["budget_gb"]
+    if budget <= 0 or rss_gb()[0] <= _COMPILED["floor_gb"] + budget:   # cheap test first
+        return False
+    if _unheld_gb() <= _COMPILED["floor_gb"] + budget:
+        return False
+    release_compiled()
+    return True
+
+
+def compiled_counters() -> dict:
+    """Releases of compiled code so far and the GB they freed."""
+    return {"releases": _COMPILED["releases"], "released_gb": _COMPILED["released_gb"]}
+
+
 class StageMemory:
     """``with StageMemory("il") as m: ...`` -> ``m.summary``: the stage's peak and end RSS (GB; end after
     ``malloc_trim``), wall
@@ -262,20 +317,24 @@ class StageMemory:
 
     def __enter__(self):
         self._exact = reset_peak_rss()
-        self._c0, self._t0 = compile_counters(), time.time()
+        self._c0, self._t0, self._r0 = compile_counters(), time.time(), compiled_counters()
         return self
 
     def __exit__(self, *exc):
         c1 = compile_counters()
         gc.collect()                  # the stage's models / learner / caches, if nothing holds them
         _release_free_heap()
+        bound_compiled()
+        r1 = compiled_counters()
         rss, peak = rss_gb()
         self.summary = {"peak_rss_gb": round(peak, 2), "end_rss_gb": round(rss, 2),
                         "live_arrays_gb": round(live_array_gb(), 3),
                         "peak_is_process_peak": not self._exact,
                         "wall_s": round(time.time() - self._t0, 1),
                         **{k: round(c1[k] - self._c0[k], 1) if k == "compile_s" else c1[k] - self._c0[k]
-                           for k in c1}}
+                           for k in c1},
+                        "compiled_releases": r1["releases"] - self._r0["releases"],
+                        "compiled_released_gb": round(r1["released_gb"] - self._r0["released_gb"], 2)}
         return False
 
     def line(self) -> str:
@@ -283,4 +342,5 @@ class StageMemory:
         return (f"stage {self.stage}: peak RSS {s['peak_rss_gb']:.2f} GB (end {s['end_rss_gb']:.2f}, "
                 f"live arrays {s['live_arrays_gb']:.2f}), "
                 f"wall {s['wall_s']:.0f} s, compile {s['compile_s']:.0f} s ({s['compiles']} compiles, "
-                f"persistent cache {s['cache_hits']} hits / {s['cache_misses']} misses)")
+                f"persistent cache {s['cache_hits']} hits / {s['cache_misses']} misses; "
+                f"{s['compiled_releases']} releases of compiled code, {s['compiled_released_gb']:.2f} GB)")

@@ -330,3 +330,21 @@ def test_an_addition_whose_chunk_padding_overflows_is_made_in_pieces(sampler_tok
     a, b = inc.generate(reqs, ["\n"], 16, 0.0), ref.generate(reqs, ["\n"], 16, 0.0)
     assert [(x.text, x.token_ids) for x in a] == [(y.text, y.token_ids) for y in b]
     assert inc.stats["staged"] == 1 and inc.state.cache.length == 2048
+
+
+def test_releasing_compiled_code_between_calls_changes_no_output(sampler_tok, monkeypatch):
+    """With a budget of ~0 every ``generate`` first releases every executable (metrics.bound_compiled):
+    the completions equal those of a policy that keeps them."""
+    from retroact_jax import metrics
+    sampler, tok = sampler_tok
+    reqs = [Request(k, [Span("prompt", f"Question {k}: where is {k}?")]) for k in range(3)]
+    keep = [c.token_ids for c in LMPolicy(sampler, tok).generate(reqs, ["\n"], 8, 0.0)]
+    monkeypatch.setitem(metrics._COMPILED, "budget_gb", 1e-9)
+    monkeypatch.setitem(metrics._COMPILED, "floor_gb", -100.0)
+    monkeypatch.setitem(metrics._COMPILED, "releases", 0)
+    policy = LMPolicy(sampler, tok)
+    for _ in range(2):
+        got = [c.token_ids for c in policy.generate(reqs, ["\n"], 8, 0.0)]
+        assert got == keep
+        monkeypatch.setitem(metrics._COMPILED, "floor_gb", -100.0)
+    assert metrics._COMPILED["releases"] == 2

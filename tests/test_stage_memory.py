@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from retroact_jax import metrics
 
@@ -31,3 +32,37 @@ def test_stage_reports_the_arrays_it_leaves_alive():
         kept.append(jnp.ones((2000, 1000), jnp.float32) + 1)   # 8 MB still referenced
     assert keeps.summary["live_arrays_gb"] >= frees.summary["live_arrays_gb"] + 0.007
     assert "live arrays" in keeps.line()
+
+
+def test_compiled_code_is_released_past_its_budget_and_results_do_not_change(monkeypatch):
+    """``bound_compiled``: releases (``jax.clear_caches``) once the RSS no live array holds passes
+    its floor + budget, not before, not again right after, never with budget 0; functions retrace."""
+    traces = []
+
+    @jax.jit
+    def f(x):
+        traces.append(1)
+        return jnp.cumsum(x * 2) + 1
+
+    x = jnp.arange(5.0)
+    want = np.asarray(f(x))
+    unheld = {"gb": 1.0}
+    monkeypatch.setattr(metrics, "_unheld_gb", lambda: unheld["gb"])
+    monkeypatch.setattr(metrics, "rss_gb", lambda: (unheld["gb"] + 0.5, 9.0))
+    monkeypatch.setitem(metrics._COMPILED, "releases", 0)
+    monkeypatch.setitem(metrics._COMPILED, "released_gb", 0.0)
+    metrics.set_compiled_budget(0.5)                    # floor 1.0
+    with metrics.StageMemory("bounded") as stage:
+        unheld["gb"] = 1.4
+        assert not metrics.bound_compiled()
+        unheld["gb"] = 1.6
+        assert metrics.bound_compiled()
+        assert not metrics.bound_compiled()             # the floor is now 1.6
+        np.testing.assert_array_equal(np.asarray(f(x)), want)
+    assert len(traces) == 2                             # traced again after the release
+    assert stage.summary["compiled_releases"] == 1 and "1 releases of compiled code" in stage.line()
+    metrics.set_compiled_budget(0.0)
+    unheld["gb"] = 50.0
+    assert not metrics.bound_compiled()
+    with pytest.raises(ValueError, match="compiled budget"):
+        metrics.set_compiled_budget(-1.0)

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retroact_jax import sampling
+from retroact_jax import metrics, sampling
 from retroact_jax.agent.policy import Completion, Request, cut_at_stop
 from retroact_jax.agent.spans import render
 from retroact_jax.decode_segments import extend_advance, stage_sizes
@@ -106,6 +106,7 @@ class LMPolicy:
                  temperature: float) -> list[Completion]:
         if not requests:
             return []
+        metrics.bound_compiled()              # a safe point: no trace in progress
         self.stats["calls"] += 1
         add_bos = bool(getattr(self.tok, "add_bos", False))    # the tokenizer's one BOS decision
         ids = [self.tok.encode(render(r.spans), add_bos=True) if add_bos else self.tok.encode(render(r.spans))
