@@ -29,6 +29,7 @@ def _run(*args):
     ((BASE[3], "--config.method=sft", "--config.multi_agent=False"), "config.multi_agent=False"),
     ((BASE[3], "--config.il.train.max_steps=1", "--config.il.optimizer.schedule=linear"),
      "config.il.optimizer.warmup_steps="),
+    ((BASE[3], "--compiled_budget_gb=-1"), "--compiled_budget_gb must be >= 0"),
 ])
 def test_user_errors_are_one_line(args, names):
     r = _run(*args)
