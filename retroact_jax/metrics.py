@@ -18,6 +18,7 @@ fetched one step late so the host never blocks the device.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -304,6 +305,24 @@ def bound_compiled() -> bool:
 def compiled_counters() -> dict:
     """Releases of compiled code so far and the GB they freed."""
     return {"releases": _COMPILED["releases"], "released_gb": _COMPILED["released_gb"]}
+
+
+class PeakWatch:
+    """Where a stage's peak RSS happens: ``with watch.phase("decode", context_fn): ...`` keeps, in
+    ``watch.peak``, the phase during which the process peak (VmHWM, reset per stage) last rose, with
+    ``context_fn()`` (shapes, cache GB) and the GB of live arrays after it. Two /proc reads a phase."""
+
+    def __init__(self):
+        self.peak: dict = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, context_fn: Callable[[], Mapping[str, Any]] = dict):
+        before = rss_gb()[1]
+        yield
+        after = rss_gb()[1]
+        if after > before + 0.005 and after >= self.peak.get("peak_rss_gb", 0.0):
+            self.peak = {"peak_rss_gb": round(after, 2), "phase": name,
+                         "live_arrays_gb": round(live_array_gb(), 2), **context_fn()}
 
 
 class StageMemory:

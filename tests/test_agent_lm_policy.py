@@ -348,3 +348,30 @@ def test_releasing_compiled_code_between_calls_changes_no_output(sampler_tok, mo
         assert got == keep
         monkeypatch.setitem(metrics._COMPILED, "floor_gb", -100.0)
     assert metrics._COMPILED["releases"] == 2
+
+
+def test_the_policy_records_the_call_phase_of_the_peak_rss(sampler_tok, monkeypatch):
+    """``memory.peak``: the phase (sync | decode) during which the process peak last rose, with the
+    policy's cache shape then; phases that do not raise the peak leave it alone."""
+    from retroact_jax import metrics
+    sampler, tok = sampler_tok
+    hwm = {"gb": 1.0, "rise": {"sync"}}
+    monkeypatch.setattr(metrics, "rss_gb", lambda: (0.5, hwm["gb"]))
+    policy = LMPolicy(sampler, tok)
+    real_sync = policy._sync
+
+    def sync(*a):
+        real_sync(*a)
+        if "sync" in hwm["rise"]:
+            hwm["gb"] += 0.25
+    monkeypatch.setattr(policy, "_sync", sync)
+    reqs = [Request(k, [Span("prompt", f"Question {k}: who is {k}?")]) for k in range(3)]
+    policy.generate(reqs, ["\n"], 8, 0.0)
+    peak = policy.memory.peak
+    assert peak["phase"] == "sync" and peak["peak_rss_gb"] == 1.25
+    c = policy.state.cache
+    assert (peak["rows"], peak["slots"]) == (c.batch, c.length) == (4, sampler.length_buckets[0])
+    assert peak["cache_gb"] == round(sum(a.nbytes for a in (*c.k, *c.v)) / 1e9, 3)
+    hwm["rise"] = set()
+    policy.generate(reqs, ["\n"], 8, 0.0)                 # no rise: the record stays
+    assert policy.memory.peak == peak

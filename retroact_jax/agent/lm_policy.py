@@ -89,6 +89,7 @@ class LMPolicy:
         self._stop_masks: dict[tuple[str, ...], tuple[np.ndarray, list]] = {}
         self.stats = {"calls": 0, "prefill_tokens": 0, "reused_tokens": 0, "rolled_back": 0,
                       "compactions": 0, "new_tokens": 0, "evictions": 0, "staged": 0}
+        self.memory = metrics.PeakWatch()   # .peak: the call phase ("sync" | "decode") of the peak RSS
 
     # ------------------------------------------------------------------------------ interface
     def count_tokens(self, text: str) -> int:
@@ -126,15 +127,17 @@ class LMPolicy:
         params = getattr(self.sampler, "params", None)
         if params is not self._params:            # new weights (set_params): no row is valid
             self.state, self.rows, self._params = None, [], params
-        rows = self._assign([r.key for r in requests], ids)
-        self._sync(rows, ids, int(max_new_tokens))
+        with self.memory.phase("sync", self._shape):          # rows, rollbacks, extensions, cache moves
+            rows = self._assign([r.key for r in requests], ids)
+            self._sync(rows, ids, int(max_new_tokens))
         budgets = np.zeros((self.state.num_rows,), np.int64)
         budgets[rows] = max_new_tokens
         before = np.asarray(self.state.cache.valid_BxS)
-        self.state, out = self.sampler.generate(self.state, key, budgets, temperature=temperature,
-                                                top_p=self.top_p, stop_mask=mask, stop_seqs=seqs,
-                                                min_new_tokens=self.min_new_tokens,
-                                                segment=self.segment)
+        with self.memory.phase("decode", self._shape):
+            self.state, out = self.sampler.generate(self.state, key, budgets, temperature=temperature,
+                                                    top_p=self.top_p, stop_mask=mask, stop_seqs=seqs,
+                                                    min_new_tokens=self.min_new_tokens,
+                                                    segment=self.segment)
         new_slots = self._new_slots(before)
         comps = []
         for i, row in enumerate(rows):
@@ -147,6 +150,14 @@ class LMPolicy:
         return comps
 
     # ------------------------------------------------------------------------------ helpers
+    def _shape(self) -> dict:
+        """This policy's cache now: rows x slots and GB (``memory.peak``'s context)."""
+        if self.state is None:
+            return {"rows": 0, "slots": 0, "cache_gb": 0.0}
+        c = self.state.cache
+        gb = sum(a.nbytes for a in (*c.k, *c.v)) / 1e9
+        return {"rows": c.batch, "slots": c.length, "cache_gb": round(gb, 3)}
+
     def _stop_mask(self, stop: tuple[str, ...]) -> tuple[np.ndarray, list]:
         if stop not in self._stop_masks:
             texts = self.tok.token_texts()

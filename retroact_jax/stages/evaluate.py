@@ -177,7 +177,9 @@ def run_eval(c: Any, m: methods_lib.Method, method_dir: pathlib.Path, il_dir: pa
         reflector_examples=r_ex, show_progress=c.eval.progress)
     stats = _gathered_stats({role: dict(p.stats) for role, p in (("planner", planner), ("reflector", reflector))
                              if p is not None and hasattr(p, "stats")})
-    extra = {"run": m.run_name(multi_agent), "policy_stats": stats, "reflector": m.reflector,
+    peaks = {role: p.memory.peak for role, p in (("planner", planner), ("reflector", reflector))
+             if p is not None and getattr(p, "memory", None) is not None and p.memory.peak}
+    extra = {"run": m.run_name(multi_agent), "policy_stats": stats, "memory_peak": peaks, "reflector": m.reflector,
              "trials_per_task": cfg.trials, "model": model, "sources": _sources(c, m, model, method_dir, il_dir)}
     if distributed.is_main():
         if distributed.count() > 1:
