@@ -149,11 +149,14 @@ def part_executables(source: str, cache_dir: str) -> dict:
     what ``jax.clear_caches`` frees (``metrics.release_compiled``), and the cost of reading them back
     from the persistent compilation cache afterwards (``--compiled_budget_gb`` of experiments.run)."""
     import gc
+    import tempfile
+    import jax.numpy as jnp
     from flax import nnx
     from retroact_jax import metrics, sampling
     from retroact_jax.stages import setup as stages
     from retroact_jax.models.decoder import Decoder, KVCache
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "executables"))
+    os.makedirs(cache_dir, exist_ok=True)      # a fresh persistent cache: the first pass compiles
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="executables-", dir=cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     _, _, cfg0 = stages.load_models(source, roles=("planner",))
 
@@ -172,7 +175,6 @@ def part_executables(source: str, cache_dir: str) -> dict:
                 del out
         return time.time() - t0
 
-    import jax.numpy as jnp
     out = {}
     for layers in sorted({2, cfg0.num_layers}):
         cfg = cfg0.replace(num_layers=layers)

@@ -29,8 +29,9 @@ _COMPILE_CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/retroact_jax/xla",
     "persistent XLA compilation cache directory ('' = off): later runs skip recompiling")
 _COMPILED_BUDGET = flags.DEFINE_float(
-    "compiled_budget_gb", 0.0, "GB of compiled executables (RSS no live array holds) kept before "
-    "they are all released between model calls and reread from --compilation_cache (0 = keep all)")
+    "compiled_budget_gb", 0.0, "GB of compiled executables (RSS no live host array holds) kept "
+    "before all are released between model calls and reread from --compilation_cache (0 = keep all; "
+    "a host-memory budget: on accelerators it counts the host's share only)")
 
 
 def main(argv) -> None:
@@ -39,6 +40,8 @@ def main(argv) -> None:
         cli.die(f"unexpected arguments: {argv[1:]}")
     if not _COMPILED_BUDGET.value >= 0:
         cli.die(f"--compiled_budget_gb must be >= 0, got {_COMPILED_BUDGET.value}")
+    if _COMPILED_BUDGET.value > 0 and not _COMPILE_CACHE.value:
+        cli.die("--compiled_budget_gb > 0 needs --compilation_cache: every release would recompile")
     from retroact_jax.stages import pipeline, validate
     with cli.user_errors():
         c = cli.load_config(_CONFIG)

@@ -223,12 +223,16 @@ def live_array_gb() -> float:
 
 
 def rss_gb() -> tuple[float, float]:
-    """(current RSS, peak RSS since the last ``reset_peak_rss``) of this process in GB (Linux)."""
+    """(current RSS, peak RSS since the last ``reset_peak_rss``) of this process in GB (Linux; zeros
+    where ``/proc`` is missing)."""
     vals = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                vals[line[:5]] = int(line.split()[1]) * 1024 / 1e9
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    vals[line[:5]] = int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     return vals.get("VmRSS", 0.0), vals.get("VmHWM", 0.0)
 
 
@@ -253,11 +257,12 @@ def _release_free_heap() -> None:
 
 
 # ------------------------------------------------------------------ compiled code's share of memory
-# Every executable stays in JAX's caches with its traces for the life of the process: ~40-50 MB of
-# RSS per sampler function of SmolLM2-135M (30 layers, unrolled: ~1 MB a layer; bench/README.md), so
-# a Table 2 eval's ~110 shapes hold ~2.5 GB that no array accounts for. ``bound_compiled`` drops them
-# all (``jax.clear_caches``) at a safe point once they pass a budget; the functions used next are
-# retraced and read back from the persistent compilation cache (a few seconds each).
+# Every executable stays in JAX's caches with its traces for the life of the process: ~47 MB of RSS
+# per sampler shape of SmolLM2-135M (30 layers, unrolled: ~1 MB a layer; bench/README.md). The Table
+# 2 RetroAct eval (112 executables, most of them small helpers) ended with 2.85 GB of RSS and no live
+# array. ``bound_compiled`` drops them all (``jax.clear_caches``) at a safe point once they pass a
+# budget; the functions used next are retraced and read back from the persistent compilation cache
+# (2/3 of a compile's time; counted in ``compile_s``: backend_compile_duration wraps the cache read).
 _COMPILED = {"budget_gb": 0.0, "floor_gb": 0.0, "releases": 0, "released_gb": 0.0}
 
 
@@ -270,10 +275,20 @@ def set_compiled_budget(gb: float) -> None:
     _COMPILED["floor_gb"] = _unheld_gb()
 
 
+def _host_array_gb() -> float:
+    """GB of live array shards this process holds in host memory (CPU devices; a replicated array
+    counts once per device, a sharded one by this process's shards). Accelerator memory is not RSS."""
+    total = 0
+    for a in jax.live_arrays():
+        if not a.is_deleted():
+            total += sum(s.data.nbytes for s in a.addressable_shards if s.device.platform == "cpu")
+    return total / 1e9
+
+
 def _unheld_gb() -> float:
-    """GB of this process's RSS that no live JAX array accounts for: the runtime, host data, and
+    """GB of this process's RSS that no live host array accounts for: the runtime, host data, and
     compiled executables with their traces."""
-    return rss_gb()[0] - live_array_gb()
+    return rss_gb()[0] - _host_array_gb()
 
 
 def release_compiled() -> float:
@@ -308,9 +323,11 @@ def compiled_counters() -> dict:
 
 
 class PeakWatch:
-    """Where a stage's peak RSS happens: ``with watch.phase("decode", context_fn): ...`` keeps, in
-    ``watch.peak``, the phase during which the process peak (VmHWM, reset per stage) last rose, with
-    ``context_fn()`` (shapes, cache GB) and the GB of live arrays after it. Two /proc reads a phase."""
+    """Where a stage's peak RSS happens, among one component's phases: ``with watch.phase("decode",
+    context_fn): ...`` keeps, in ``watch.peak``, the last of its phases during which the process peak
+    (VmHWM, reset per stage) rose, with ``context_fn()`` (shapes, cache GB) and the GB of live arrays,
+    both read after the phase. When its ``peak_rss_gb`` is below the stage's (stages.json), the peak
+    came elsewhere (another component, scoring, env steps). Two /proc reads a phase."""
 
     def __init__(self):
         self.peak: dict = {}
@@ -327,9 +344,10 @@ class PeakWatch:
 
 class StageMemory:
     """``with StageMemory("il") as m: ...`` -> ``m.summary``: the stage's peak and end RSS (GB; end after
-    ``malloc_trim``), wall
-    seconds, compile seconds, backend compiles and persistent-cache hits / misses during the stage;
-    ``line()`` is the one-line report the run prints."""
+    ``malloc_trim`` and ``bound_compiled``), wall seconds, compile seconds (persistent-cache reads
+    included), backend compiles, persistent-cache hits / misses, and the releases of compiled code
+    (``compiled_releases``, ``compiled_released_gb``) during the stage; ``line()`` is the one-line
+    report the run prints."""
 
     def __init__(self, stage: str):
         self.stage, self.summary = stage, {}
@@ -362,4 +380,4 @@ class StageMemory:
                 f"live arrays {s['live_arrays_gb']:.2f}), "
                 f"wall {s['wall_s']:.0f} s, compile {s['compile_s']:.0f} s ({s['compiles']} compiles, "
                 f"persistent cache {s['cache_hits']} hits / {s['cache_misses']} misses; "
-                f"{s['compiled_releases']} releases of compiled code, {s['compiled_released_gb']:.2f} GB)")
+                f"compiled code released {s['compiled_releases']}x, {s['compiled_released_gb']:.2f} GB)")

@@ -339,9 +339,8 @@ def test_releasing_compiled_code_between_calls_changes_no_output(sampler_tok, mo
     sampler, tok = sampler_tok
     reqs = [Request(k, [Span("prompt", f"Question {k}: where is {k}?")]) for k in range(3)]
     keep = [c.token_ids for c in LMPolicy(sampler, tok).generate(reqs, ["\n"], 8, 0.0)]
-    monkeypatch.setitem(metrics._COMPILED, "budget_gb", 1e-9)
-    monkeypatch.setitem(metrics._COMPILED, "floor_gb", -100.0)
-    monkeypatch.setitem(metrics._COMPILED, "releases", 0)
+    for k, v in (("budget_gb", 1e-9), ("floor_gb", -100.0), ("releases", 0), ("released_gb", 0.0)):
+        monkeypatch.setitem(metrics._COMPILED, k, v)
     policy = LMPolicy(sampler, tok)
     for _ in range(2):
         got = [c.token_ids for c in policy.generate(reqs, ["\n"], 8, 0.0)]
@@ -375,3 +374,18 @@ def test_the_policy_records_the_call_phase_of_the_peak_rss(sampler_tok, monkeypa
     hwm["rise"] = set()
     policy.generate(reqs, ["\n"], 8, 0.0)                 # no rise: the record stays
     assert policy.memory.peak == peak
+    real_generate = policy.sampler.generate
+
+    def generate(*a, **k):                                  # the decode phase raises it now
+        out = real_generate(*a, **k)
+        hwm["gb"] += 0.5
+        return out
+    monkeypatch.setattr(policy.sampler, "generate", generate)
+    policy.generate(reqs, ["\n"], 8, 0.0)
+    assert policy.memory.peak["phase"] == "decode" and policy.memory.peak["peak_rss_gb"] >= 1.75
+    top = policy.memory.peak
+    hwm["gb"] = 1.0                                         # a new stage: VmHWM reset, lower rise
+    hwm["rise"] = {"sync"}
+    monkeypatch.setattr(policy.sampler, "generate", real_generate)
+    policy.generate(reqs, ["\n"], 8, 0.0)
+    assert policy.memory.peak == top                        # 1.25 < 1.75: the higher record stays

@@ -30,6 +30,7 @@ def _run(*args):
     ((BASE[3], "--config.il.train.max_steps=1", "--config.il.optimizer.schedule=linear"),
      "config.il.optimizer.warmup_steps="),
     ((BASE[3], "--compiled_budget_gb=-1"), "--compiled_budget_gb must be >= 0"),
+    ((BASE[3], "--compiled_budget_gb=2", "--compilation_cache="), "needs --compilation_cache"),
 ])
 def test_user_errors_are_one_line(args, names):
     r = _run(*args)

@@ -49,8 +49,8 @@ def test_compiled_code_is_released_past_its_budget_and_results_do_not_change(mon
     unheld = {"gb": 1.0}
     monkeypatch.setattr(metrics, "_unheld_gb", lambda: unheld["gb"])
     monkeypatch.setattr(metrics, "rss_gb", lambda: (unheld["gb"] + 0.5, 9.0))
-    monkeypatch.setitem(metrics._COMPILED, "releases", 0)
-    monkeypatch.setitem(metrics._COMPILED, "released_gb", 0.0)
+    for k, v in (("releases", 0), ("released_gb", 0.0), ("budget_gb", 0.0), ("floor_gb", 0.0)):
+        monkeypatch.setitem(metrics._COMPILED, k, v)    # restored whatever happens below
     metrics.set_compiled_budget(0.5)                    # floor 1.0
     with metrics.StageMemory("bounded") as stage:
         unheld["gb"] = 1.4
@@ -60,9 +60,17 @@ def test_compiled_code_is_released_past_its_budget_and_results_do_not_change(mon
         assert not metrics.bound_compiled()             # the floor is now 1.6
         np.testing.assert_array_equal(np.asarray(f(x)), want)
     assert len(traces) == 2                             # traced again after the release
-    assert stage.summary["compiled_releases"] == 1 and "1 releases of compiled code" in stage.line()
+    assert stage.summary["compiled_releases"] == 1 and "compiled code released 1x" in stage.line()
     metrics.set_compiled_budget(0.0)
     unheld["gb"] = 50.0
     assert not metrics.bound_compiled()
     with pytest.raises(ValueError, match="compiled budget"):
         metrics.set_compiled_budget(-1.0)
+
+
+def test_the_unheld_share_subtracts_this_process_host_arrays_only():
+    """``_unheld_gb`` = RSS minus the live arrays' CPU shards: a new 80 MB array does not change it."""
+    base = metrics._host_array_gb()
+    x = jnp.ones((20_000_000,), jnp.float32) + 1         # 80 MB on the CPU device
+    assert abs(metrics._host_array_gb() - base - 0.08) < 0.002
+    del x
