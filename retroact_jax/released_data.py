@@ -9,8 +9,12 @@ Rows ``{instruction, input, output, type, [reward | last_reward, current_reward]
   (docs/paper.md §1.3), so the ``>`` is a step prefix and ``" go to fridge 1\\n"`` is generated; the observation
   line (``OK.`` after every ``think:``, checked) is an observation.
 * **InterCode planner** (``intercode_*``): ``Thought n: ... / Action n: ... / Observation n: ...``. The agent
-  queries ``history + "Thought n:"`` and the model generates the thought, ``Action n: ...`` and ``\\n``
-  (docs/paper.md §1.4): ``Thought n:`` is a step prefix, ``Observation n: ...`` an observation.
+  queries ``history + "Thought n:"`` and the model generates the thought, ``Action n: ...``, ``\\n`` and
+  the stop word ``Observation`` that ends its turn (docs/paper.md §1.4; the agent's trajectories record it
+  as generated): ``Thought n:`` is a step prefix, `` n: ...`` after the stop word an observation. With
+  observations masked the stop word is still trained: without it the model never learns to stop and
+  runs on with ``Action n+1: ...`` lines to its token budget (the SFT agent of 2026-12-08: 99 of 176
+  thought calls).
 * Step prefixes are observation spans by default (``step_prefix="observation"``: written by the agent loop,
   like the original inference); ``step_prefix="generated"`` trains them as model text (line-level split).
 * **Trailing** ``\\n\\nSTATUS: OK|FAIL`` (+ ``\\nREWARD: r`` in the RL file): written by the data pipeline,
@@ -126,8 +130,8 @@ def _intercode_spans(output: str, prefix_kind: str) -> list[tuple[str, str]]:
             cur = "generated"
         elif what == "Action":
             spans.append(("generated", line + nl))
-        else:
-            spans.append(("observation", line + nl))
+        else:   # the model ends its turn by writing the stop word "Observation"; the loop writes the rest
+            spans += [("generated", "Observation"), ("observation", line[len("Observation"):] + nl)]
             step, cur = step + 1, "observation"
         want = (want + 1) % 3
     if want != 0:

@@ -343,7 +343,8 @@ def test_intercode_planner_spans(intercode_rl):
     assert s.spans[1] == ("observation", "Thought 1:")
     assert s.spans[2][0] == "generated" and s.spans[2][1].startswith(" I should")
     assert s.spans[3][0] == "generated" and s.spans[3][1].startswith("Action 1: execute[")
-    assert s.spans[4][0] == "observation" and s.spans[4][1].startswith("Observation 1:")
+    assert s.spans[4] == ("generated", "Observation")        # the stop word ends the model's turn
+    assert s.spans[5][0] == "observation" and s.spans[5][1].startswith(" 1:")
     assert s.spans[-1] == ("observation", "\n\nSTATUS: OK\nREWARD: 1.0")
     # inference renders "...Question: X" + "\nThought 1:" (protocols.InterCodeProtocol); so does the row
     assert s.spans[0][1].endswith("?\n") and s.text[len(s.spans[0][1]) - 2:].startswith("?\nThought 1:")
@@ -426,3 +427,19 @@ def test_released_ref_prob_is_cut_and_counted_as_the_original():
     # an exact-count sample (the project's own scoring) still refuses a wrong count
     with pytest.raises(batching.SampleError, match="non-prompt"):
         batching.tokenize_sample(dataclasses.replace(s, behaviour_alignment="exact"), tok, eos_id=2)
+
+
+def test_intercode_il_rows_train_the_stop_word_with_observations_masked():
+    """The agent stops a thought + action call when the model writes "Observation"; with the
+    observations masked, the row's tokens of that word are still trained (else the model runs on with
+    "Action n+1: ..." lines), and the observation after it is not. SmolLM2's tokenizer."""
+    from retroact_jax.models import embedded
+    tok = embedded.load_tokenizer()
+    row = {"instruction": "", "type": "planner", "input": "Q?",
+           "output": "Thought 1: t\nAction 1: execute[SELECT 1]\nObservation 1: [(1,)]\nThought 2: u\n"
+                     "Action 2: submit\nObservation 2: []"}
+    s = rd.samples_from_rows([row], "intercode", "il").samples[0]
+    t = batching.tokenize_sample(s, tok)
+    trained = tok.decode([i for i, k in zip(t.ids, t.kinds) if k == batching.KIND_GENERATED])
+    assert trained.count("Observation") == 2 and "[(1,)]" not in trained and "Observation 1" not in trained
+    assert "execute[SELECT 1]\nObservation" in trained
