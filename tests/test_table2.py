@@ -296,3 +296,23 @@ def test_progress_keeps_the_checkpoints_of_unfinished_stages_only(tmp_path):
     assert saved == ["il_planner/il_summary.json", "il_planner/metrics.jsonl", "progress.json",
                      "sft_rl/rl/checkpoints/50/state.bin", "sft_rl/rl/metrics.jsonl"]
     assert got["files"] == 4
+
+
+def test_second_backbone_config_has_its_own_run_and_table():
+    from experiments.configs import table2_cpu_qwen
+    c = table2_cpu_qwen.get_config()
+    c.env = "intercode_sql"
+    pipeline.resolve(c)
+    from retroact_jax.models import embedded
+    try:
+        embedded.check_installed(c.model.planner)
+    except embedded.EmbeddedModelError:           # CI installs without --qwen-coder: the one-line error
+        with pytest.raises(validate.ConfigError, match="setup.sh --qwen-coder"):
+            validate.validate(c)
+    else:
+        validate.validate(c)
+    assert (c.run_dir, c.publish) == ("runs/table2_cpu/intercode_sql_qwen", "results/table2_cpu/intercode_sql_qwen")
+    assert c.model.planner == "qwen2.5-coder-0.5b-instruct" and c.model.reflector == ""
+    base = table2_cpu.get_config()            # every other setting is the SmolLM2 table's
+    for k in ("eval", "il", "rl", "validation", "methods"):
+        assert c[k] == base[k] if k == "methods" else c[k].to_dict() == base[k].to_dict()
