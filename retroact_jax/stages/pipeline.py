@@ -131,9 +131,11 @@ def _write(path: pathlib.Path, text: str) -> None:
         path.write_text(text)
 
 
-def _measured(c: Any, name: str, fn, *args, **kw):
+def _measured(c: Any, name: str, fn, *args, resumed: bool = False, **kw):
     """``fn`` under ``metrics.StageMemory``: its peak RSS / time / compiles logged and added to
-    ``<run_dir>/stages.json`` as ``name``."""
+    ``<run_dir>/stages.json`` as ``name``. ``resumed`` (the stage goes on from what an earlier run left:
+    checkpoints, trajectories): merged with that run's figures (``metrics.merge_segments``), so a
+    resume that only finishes the last pieces does not replace the stage's hours by its seconds."""
     from retroact_jax import metrics
     with metrics.StageMemory(name) as mem:
         out = fn(*args, **kw)
@@ -141,7 +143,7 @@ def _measured(c: Any, name: str, fn, *args, **kw):
     path = pathlib.Path(c.run_dir) / "stages.json"      # process 0's figures
     if distributed.is_main():
         old = json.loads(path.read_text()) if path.exists() else {}
-        old[name] = mem.summary
+        old[name] = metrics.merge_segments(old[name], mem.summary) if resumed and name in old else mem.summary
         path.write_text(json.dumps(old, indent=2) + "\n")
     return out
 
@@ -155,8 +157,10 @@ def run_training(c: Any, stage: str, m: methods_lib.Method) -> None:
     if _finished(d, stage, cfg):
         log.info("%s: %s finished in %s, skipped", m.name, stage, d)
         return
+    resumed = d.is_dir() and any(d.iterdir())
     d.mkdir(parents=True, exist_ok=True)
-    summary = _measured(c, f"{d.relative_to(c.run_dir)}", il.run_il if stage == "il" else rl.run_rl, sc, d)
+    summary = _measured(c, f"{d.relative_to(c.run_dir)}", il.run_il if stage == "il" else rl.run_rl, sc, d,
+                        resumed=resumed)
     _write(d / "stage_config.json", json.dumps(cfg, indent=2, default=str) + "\n")
     distributed.barrier(f"{d} finished")          # its summary and exports are on disk for all
     log.info("%s: %s", stage, json.dumps({k: summary.get(k) for k in ("steps", "iterations", "export")}))
@@ -179,7 +183,8 @@ def run_eval(c: Any, m: methods_lib.Method, model: str = "trained") -> dict:
         log.info("%s: eval finished in %s, skipped", m.name, out)
         return distributed.agree(json.loads((out / "results.json").read_text()) if distributed.is_main() else None)
     got = _measured(c, f"{m.run_name(m.multi_agent(c.multi_agent))}/{out.name}", evaluate.run_eval, c, m, d,
-                    il_dir(c, m), multi_agent=m.multi_agent(c.multi_agent), model=model)
+                    il_dir(c, m), multi_agent=m.multi_agent(c.multi_agent), model=model,
+                    resumed=(out / "trajectories.jsonl").exists())
     _write(f, json.dumps(eval_config(c), indent=2) + "\n")
     distributed.barrier(f"{out} finished")
     return got

@@ -137,15 +137,17 @@ def run_md(c: Any, command: str, stages: Mapping[str, Mapping], commit: str) -> 
              command, "```", "",
              "Re-evaluate the published adapters (greedy; per-task scores must equal results.json):", "",
              "```sh", f"python3 -m experiments.table2 --published={c.publish}", "```", "",
-             "| stage | wall s | peak RSS GB | compile s | compiles |", "|---|---|---|---|---|"]
+             "| stage | wall s | peak RSS GB | compile s | compiles | note |", "|---|---|---|---|---|---|"]
     total = 0.0
     for name, s in stages.items():
         wall = float(s.get("wall_s", 0.0) or 0.0)
         total += wall
         rss = s.get("peak_rss_gb", "-")
-        lines.append(f"| {name} | {wall:.0f} | {rss} | {float(s.get('compile_s', 0) or 0):.0f} | "
-                     f"{s.get('compiles', '-')} |")
-    lines += ["", f"Total wall of the stages: {total / 3600:.2f} h.", ""]
+        seg = f" ({s['segments']} segments)" if s.get("segments", 1) > 1 else ""
+        lines.append(f"| {name}{seg} | {wall:.0f} | {rss} | {float(s.get('compile_s', 0) or 0):.0f} | "
+                     f"{s.get('compiles', '-')} | {s.get('note', '')} |")
+    lines += ["", f"Total wall of the stages: {total / 3600:.2f} h. A stage killed and resumed sums its "
+              "finished segments (a segment that was killed before its end recorded nothing).", ""]
     return "\n".join(lines)
 
 
