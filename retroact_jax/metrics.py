@@ -342,27 +342,6 @@ class PeakWatch:
                          "live_arrays_gb": round(live_array_gb(), 2), **context_fn()}
 
 
-_ADDITIVE = ("wall_s", "compile_s", "compiles", "cache_hits", "cache_misses", "compiled_releases",
-             "compiled_released_gb")
-
-
-def merge_segments(before: Mapping, after: Mapping) -> dict:
-    """One stage run in segments (killed, then resumed from its checkpoint or trajectories): the
-    stage's figures over both. Times and counts add up, the peak is the larger one (with its
-    ``peak_is_process_peak``), the end figures are the last segment's; ``segments`` counts them."""
-    out = dict(after)
-    for k in _ADDITIVE:
-        if k in before or k in after:
-            out[k] = round(float(before.get(k, 0) or 0) + float(after.get(k, 0) or 0), 2)
-            if k not in ("wall_s", "compile_s", "compiled_released_gb"):
-                out[k] = int(out[k])
-    if float(before.get("peak_rss_gb", 0) or 0) > float(after.get("peak_rss_gb", 0) or 0):
-        out["peak_rss_gb"] = before["peak_rss_gb"]
-        out["peak_is_process_peak"] = before.get("peak_is_process_peak", False)
-    out["segments"] = int(before.get("segments", 1)) + int(after.get("segments", 1))
-    return out
-
-
 class StageMemory:
     """``with StageMemory("il") as m: ...`` -> ``m.summary``: the stage's peak and end RSS (GB; end after
     ``malloc_trim`` and ``bound_compiled``), wall seconds, compile seconds (persistent-cache reads

@@ -80,18 +80,19 @@ def test_the_unheld_share_subtracts_this_process_host_arrays_only():
 
 
 def test_merge_segments_adds_times_and_keeps_the_larger_peak():
+    from retroact_jax.stages import pipeline
     first = {"peak_rss_gb": 7.9, "end_rss_gb": 2.0, "peak_is_process_peak": True, "wall_s": 4662.0,
              "compile_s": 39.0, "compiles": 49, "cache_hits": 3, "cache_misses": 1, "compiled_releases": 0,
              "compiled_released_gb": 0.0}
     resume = {"peak_rss_gb": 0.98, "end_rss_gb": 0.9, "peak_is_process_peak": False, "wall_s": 5.0,
               "compile_s": 2.0, "compiles": 0, "cache_hits": 2, "cache_misses": 0, "compiled_releases": 1,
               "compiled_released_gb": 0.5}
-    got = metrics.merge_segments(first, resume)
+    got = pipeline.merge_segments(first, resume)
     assert got["wall_s"] == 4667.0 and got["compile_s"] == 41.0 and got["compiles"] == 49
     assert got["cache_hits"] == 5 and got["compiled_releases"] == 1 and got["compiled_released_gb"] == 0.5
     assert got["peak_rss_gb"] == 7.9 and got["peak_is_process_peak"] is True and got["end_rss_gb"] == 0.9
-    assert got["segments"] == 2 and metrics.merge_segments(got, resume)["segments"] == 3
-    assert metrics.merge_segments(resume, first)["peak_rss_gb"] == 7.9     # the later one larger
+    assert got["segments"] == 2 and pipeline.merge_segments(got, resume)["segments"] == 3
+    assert pipeline.merge_segments(resume, first)["peak_rss_gb"] == 7.9     # the later one larger
 
 
 def test_a_resumed_stage_sums_its_segments_in_stages_json(tmp_path):

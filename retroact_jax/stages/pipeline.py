@@ -25,7 +25,7 @@ import copy
 import json
 import logging
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections as mlc
 
@@ -131,10 +131,30 @@ def _write(path: pathlib.Path, text: str) -> None:
         path.write_text(text)
 
 
+_SUMMED_COUNTS = ("compiles", "cache_hits", "cache_misses", "compiled_releases")   # StageMemory.summary
+_SUMMED_AMOUNTS = ("wall_s", "compile_s", "compiled_released_gb")
+
+
+def merge_segments(before: Mapping, after: Mapping) -> dict:
+    """One stage run in segments (killed, then resumed from its checkpoint or trajectories): the
+    stage's figures over both. Times and counts add up, the peak is the larger one (with its
+    ``peak_is_process_peak``), the end figures are the last segment's; ``segments`` counts them."""
+    out = dict(after)
+    for k in _SUMMED_AMOUNTS + _SUMMED_COUNTS:
+        if k in before or k in after:
+            total = float(before.get(k, 0) or 0) + float(after.get(k, 0) or 0)
+            out[k] = int(total) if k in _SUMMED_COUNTS else round(total, 2)
+    if float(before.get("peak_rss_gb", 0) or 0) > float(after.get("peak_rss_gb", 0) or 0):
+        out["peak_rss_gb"] = before["peak_rss_gb"]
+        out["peak_is_process_peak"] = before.get("peak_is_process_peak", False)
+    out["segments"] = int(before.get("segments", 1)) + int(after.get("segments", 1))
+    return out
+
+
 def _measured(c: Any, name: str, fn, *args, resumed: bool = False, **kw):
     """``fn`` under ``metrics.StageMemory``: its peak RSS / time / compiles logged and added to
     ``<run_dir>/stages.json`` as ``name``. ``resumed`` (the stage goes on from what an earlier run left:
-    checkpoints, trajectories): merged with that run's figures (``metrics.merge_segments``), so a
+    checkpoints, trajectories): merged with that run's figures (``merge_segments``), so a
     resume that only finishes the last pieces does not replace the stage's hours by its seconds."""
     from retroact_jax import metrics
     with metrics.StageMemory(name) as mem:
@@ -143,7 +163,7 @@ def _measured(c: Any, name: str, fn, *args, resumed: bool = False, **kw):
     path = pathlib.Path(c.run_dir) / "stages.json"      # process 0's figures
     if distributed.is_main():
         old = json.loads(path.read_text()) if path.exists() else {}
-        old[name] = metrics.merge_segments(old[name], mem.summary) if resumed and name in old else mem.summary
+        old[name] = merge_segments(old[name], mem.summary) if resumed and name in old else mem.summary
         path.write_text(json.dumps(old, indent=2) + "\n")
     return out
 
